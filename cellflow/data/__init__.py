@@ -1,5 +1,65 @@
-"""AnnData -> arrays: representations, conditions, embeddings, a jittable sampler and splits."""
+"""AnnData -> arrays: representations, conditions, embeddings, a jittable sampler and splits.
 
+The data layer knows AnnData and nothing of solvers; solvers receive the arrays it produces.
+"""
+
+from cellflow.data._conditions import Condition, format_dose, parse_condition
+from cellflow.data._dataset import (
+    ALL_CONTROLS,
+    DataSpec,
+    ObsConditions,
+    PerturbationData,
+    parse_obs_conditions,
+    prepare,
+)
+from cellflow.data._embeddings import EmbeddingTable, make_embedding_table
+from cellflow.data._lookup import condition_weights
 from cellflow.data._representation import available_representations, check_finite, get_representation
+from cellflow.data._sampler import (
+    Batch,
+    ConditionArrays,
+    TrainingArrays,
+    build_training_arrays,
+    encode_condition,
+    sample_batch,
+    sample_batches,
+)
+from cellflow.data._split import (
+    Split,
+    holdout,
+    split_combinations,
+    split_conditions,
+    split_covariates,
+    split_doses,
+)
 
-__all__ = ["available_representations", "check_finite", "get_representation"]
+__all__ = [
+    "ALL_CONTROLS",
+    "Batch",
+    "Condition",
+    "ConditionArrays",
+    "DataSpec",
+    "EmbeddingTable",
+    "ObsConditions",
+    "PerturbationData",
+    "Split",
+    "TrainingArrays",
+    "available_representations",
+    "build_training_arrays",
+    "check_finite",
+    "condition_weights",
+    "encode_condition",
+    "format_dose",
+    "get_representation",
+    "holdout",
+    "make_embedding_table",
+    "parse_condition",
+    "parse_obs_conditions",
+    "prepare",
+    "sample_batch",
+    "sample_batches",
+    "split_combinations",
+    "split_conditions",
+    "split_covariates",
+    "split_doses",
+]

@@ -1,0 +1,356 @@
+"""From an AnnData and the model's arguments to arrays: cells, treated groups and control pools.
+
+A *group* is the set of treated cells that share a condition (perturbations with doses) and
+covariate values. Each group is paired with a *pool* of control cells: the controls with the
+same covariate values (same patient, cell line, cell type). Where no control shares all of a
+group's covariate values, the group falls back to the pool of all controls; this is recorded in
+``groups["pool_fallback"]`` and announced with a warning, since the learned response then also
+absorbs the covariate difference.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from cellflow._errors import CellflowKeyError, CellflowValueError, format_choices
+from cellflow.data._conditions import Condition, parse_condition
+from cellflow.data._representation import get_representation
+
+__all__ = ["DataSpec", "PerturbationData", "ObsConditions", "prepare", "parse_obs_conditions", "check_obs_column", "ALL_CONTROLS"]
+
+ALL_CONTROLS = "<all controls>"
+
+
+def check_obs_column(adata: ad.AnnData, key: str, argument: str) -> None:
+    """Raise :class:`CellflowKeyError` if ``key`` is not an ``obs`` column."""
+    if key not in adata.obs.columns:
+        raise CellflowKeyError(
+            f"{argument}={key!r} is not a column of adata.obs; valid choices: {format_choices(adata.obs.columns)}."
+        )
+
+
+def _column_as_str(adata: ad.AnnData, key: str, argument: str) -> np.ndarray:
+    column = adata.obs[key]
+    missing = column.isna().to_numpy()
+    if missing.any():
+        raise CellflowValueError(
+            f"{argument}={key!r}: {int(missing.sum())} cell(s) have a missing value (first: "
+            f"{adata.obs_names[missing][:3].tolist()}); fill or drop them."
+        )
+    return column.astype(str).to_numpy()
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What a fitted model needs to know about its training data in order to predict.
+
+    It holds no cells, only metadata, and round-trips through JSON (see :meth:`to_json`).
+
+    Attributes
+    ----------
+    rep, perturbation_key, control, dose_key, covariate_keys
+        The arguments the data was prepared with.
+    n_features
+        Dimension of the representation.
+    feature_names
+        Names of the features when ``rep`` is ``"X"`` or a layer, else ``None``.
+    vocabulary
+        Sorted perturbation names seen in training, alone or in combinations.
+    max_members
+        Size of the largest combination seen in training.
+    covariate_values
+        For each covariate key, the values seen in training (controls included).
+    groups
+        One row per treated group: ``condition``, ``dose``, one column per covariate key,
+        ``n_cells``, ``pool`` (row of :attr:`pools`) and ``pool_fallback``.
+    pools
+        One row per control pool: one column per covariate key and ``n_cells``; the last row
+        is the pool of all controls (covariate values ``ALL_CONTROLS``).
+    """
+
+    rep: str
+    perturbation_key: str
+    control: str
+    dose_key: str | None
+    covariate_keys: tuple[str, ...]
+    n_features: int
+    feature_names: tuple[str, ...] | None
+    vocabulary: tuple[str, ...]
+    max_members: int
+    covariate_values: dict[str, tuple[str, ...]]
+    groups: pd.DataFrame = field(repr=False)
+    pools: pd.DataFrame = field(repr=False)
+
+    @property
+    def group_conditions(self) -> list[Condition]:
+        """The parsed condition of every group, in group order."""
+        return [
+            parse_condition(c, d, control=self.control)
+            for c, d in zip(self.groups["condition"], self.groups["dose"])
+        ]
+
+    @property
+    def group_covariates(self) -> list[tuple[str, ...]]:
+        """The covariate values of every group, in group order."""
+        return [tuple(map(str, row)) for row in self.groups[list(self.covariate_keys)].to_numpy()]
+
+    def to_json(self) -> str:
+        payload = {
+            "rep": self.rep,
+            "perturbation_key": self.perturbation_key,
+            "control": self.control,
+            "dose_key": self.dose_key,
+            "covariate_keys": list(self.covariate_keys),
+            "n_features": self.n_features,
+            "feature_names": None if self.feature_names is None else list(self.feature_names),
+            "vocabulary": list(self.vocabulary),
+            "max_members": self.max_members,
+            "covariate_values": {k: list(v) for k, v in self.covariate_values.items()},
+            "groups": self.groups.to_dict(orient="list"),
+            "pools": self.pools.to_dict(orient="list"),
+        }
+        return json.dumps(payload)
+
+    @classmethod
+    def from_json(cls, text: str) -> DataSpec:
+        p = json.loads(text)
+        return cls(
+            rep=p["rep"],
+            perturbation_key=p["perturbation_key"],
+            control=p["control"],
+            dose_key=p["dose_key"],
+            covariate_keys=tuple(p["covariate_keys"]),
+            n_features=int(p["n_features"]),
+            feature_names=None if p["feature_names"] is None else tuple(p["feature_names"]),
+            vocabulary=tuple(p["vocabulary"]),
+            max_members=int(p["max_members"]),
+            covariate_values={k: tuple(v) for k, v in p["covariate_values"].items()},
+            groups=pd.DataFrame(p["groups"]),
+            pools=pd.DataFrame(p["pools"]),
+        )
+
+
+@dataclass(frozen=True)
+class PerturbationData:
+    """Prepared training data: the cells, and the indices of each group and control pool.
+
+    Attributes
+    ----------
+    spec
+        Metadata (see :class:`DataSpec`).
+    cells
+        ``(n_cells, n_features)`` float32, every cell of the AnnData in ``spec.rep``.
+    group_index
+        For each group, the indices (into ``cells``) of its treated cells.
+    pool_index
+        For each pool, the indices of its control cells.
+    """
+
+    spec: DataSpec
+    cells: np.ndarray = field(repr=False)
+    group_index: tuple[np.ndarray, ...] = field(repr=False)
+    pool_index: tuple[np.ndarray, ...] = field(repr=False)
+
+    @property
+    def n_groups(self) -> int:
+        return len(self.group_index)
+
+    def source_cells(self, group: int) -> np.ndarray:
+        """``(n, d)`` control cells paired with ``group``."""
+        return self.cells[self.pool_index[int(self.spec.groups["pool"].iloc[group])]]
+
+    def target_cells(self, group: int) -> np.ndarray:
+        """``(n, d)`` treated cells of ``group``."""
+        return self.cells[self.group_index[group]]
+
+
+def prepare(
+    adata: ad.AnnData,
+    *,
+    rep: str = "X",
+    perturbation_key: str = "condition",
+    control: str = "control",
+    dose_key: str | None = None,
+    covariate_keys: Sequence[str] = (),
+    warn_fallback: bool = True,
+) -> PerturbationData:
+    """Validate an AnnData and turn it into :class:`PerturbationData`.
+
+    Parameters
+    ----------
+    adata
+        Control and perturbed cells. Not modified.
+    rep
+        ``"X"``, an ``obsm`` key or a layer.
+    perturbation_key
+        ``obs`` column of perturbation labels; combinations are members joined by ``"+"``.
+    control
+        Value of ``perturbation_key`` marking control cells.
+    dose_key
+        Optional ``obs`` column of doses: a number, or numbers joined by ``"+"`` aligned with the
+        combination's members. Without it every member has dose 1.
+    covariate_keys
+        ``obs`` columns the response depends on (patient, cell line, cell type).
+    warn_fallback
+        Warn when a treated group has no control cells with its covariate values.
+
+    Returns
+    -------
+    The prepared data.
+
+    Raises
+    ------
+    CellflowKeyError
+        Unknown ``rep`` or a missing ``obs`` column.
+    CellflowValueError
+        Absent control value, NaN/inf cells, unparsable or misaligned doses, no treated cells.
+    """
+    if not isinstance(adata, ad.AnnData):
+        raise CellflowValueError(f"adata must be an AnnData, got {type(adata).__name__}.")
+    if adata.n_obs == 0:
+        raise CellflowValueError("adata has no cells.")
+    covariate_keys = (covariate_keys,) if isinstance(covariate_keys, str) else tuple(covariate_keys)
+    conditions = parse_obs_conditions(adata, perturbation_key, control, dose_key)
+    for key in covariate_keys:
+        check_obs_column(adata, key, "covariate_keys")
+    if perturbation_key in covariate_keys or (dose_key is not None and dose_key in covariate_keys):
+        raise CellflowValueError(
+            f"covariate_keys={list(covariate_keys)!r} must not contain the perturbation or dose column."
+        )
+    cells = get_representation(adata, rep)
+
+    control = str(control)
+    condition_label = conditions.labels()
+    dose_label = np.array([c.dose_label for c in conditions.unique], dtype=object)[conditions.codes]
+    is_control = conditions.is_control
+    parsed = conditions.unique
+    if is_control.all():
+        raise CellflowValueError(
+            f"adata.obs[{perturbation_key!r}] holds only control cells ({control!r}); nothing to learn."
+        )
+
+    covariates = {key: _column_as_str(adata, key, "covariate_keys") for key in covariate_keys}
+    table = pd.DataFrame({"condition": condition_label, "dose": dose_label, **covariates})
+
+    # ``table`` has a RangeIndex, so the index of any subset holds row positions into ``cells``.
+    pools, pool_index, pool_lookup = _control_pools(table[is_control], covariate_keys)
+
+    treated = table[~is_control]
+    treated_rows = treated.index.to_numpy()
+    group_keys = ["condition", "dose", *covariate_keys]
+    group_codes = treated.groupby(group_keys, sort=True, observed=True).ngroup().to_numpy()
+    order = np.argsort(group_codes, kind="stable")
+    boundaries = np.flatnonzero(np.diff(group_codes[order])) + 1
+    group_index = tuple(treated_rows[chunk] for chunk in np.split(order, boundaries))
+    first_rows = [int(chunk[0]) for chunk in np.split(order, boundaries)]
+    groups = treated.iloc[first_rows].reset_index(drop=True)
+    groups["n_cells"] = [len(idx) for idx in group_index]
+    cov_tuples = [tuple(row) for row in groups[list(covariate_keys)].to_numpy()]
+    all_pool = len(pools) - 1
+    groups["pool"] = [pool_lookup.get(t, all_pool) for t in cov_tuples]
+    groups["pool_fallback"] = [bool(covariate_keys) and t not in pool_lookup for t in cov_tuples]
+    if warn_fallback and groups["pool_fallback"].any():
+        fallback = groups[groups["pool_fallback"]]
+        warnings.warn(
+            f"{len(fallback)} treated group(s) have no control cells with the same covariate values "
+            f"{list(covariate_keys)} (e.g. {fallback[list(covariate_keys)].iloc[0].tolist()}); they are paired "
+            f"with all control cells instead.",
+            UserWarning,
+            stacklevel=2,
+        )
+
+    members = sorted({m for c in parsed for m in c.members})
+    feature_names = tuple(map(str, adata.var_names)) if (rep == "X" or rep in adata.layers) and rep not in adata.obsm else None
+    spec = DataSpec(
+        rep=rep,
+        perturbation_key=perturbation_key,
+        control=control,
+        dose_key=dose_key,
+        covariate_keys=covariate_keys,
+        n_features=int(cells.shape[1]),
+        feature_names=feature_names,
+        vocabulary=tuple(members),
+        max_members=max(len(c) for c in parsed),
+        covariate_values={k: tuple(sorted(set(v))) for k, v in covariates.items()},
+        groups=groups,
+        pools=pools,
+    )
+    return PerturbationData(spec=spec, cells=cells, group_index=group_index, pool_index=pool_index)
+
+
+@dataclass(frozen=True)
+class ObsConditions:
+    """The parsed condition of every cell: ``unique[codes[i]]`` is cell ``i``'s condition."""
+
+    unique: list[Condition]
+    codes: np.ndarray
+
+    @property
+    def is_control(self) -> np.ndarray:
+        return np.array([c.is_control for c in self.unique], dtype=bool)[self.codes]
+
+    def labels(self) -> np.ndarray:
+        return np.array([c.label for c in self.unique], dtype=object)[self.codes]
+
+
+def parse_obs_conditions(adata: ad.AnnData, perturbation_key: str, control: str, dose_key: str | None = None) -> ObsConditions:
+    """Parse ``adata.obs[perturbation_key]`` (and doses) into conditions, validating columns and control.
+
+    Raises
+    ------
+    CellflowKeyError
+        A missing column.
+    CellflowValueError
+        Missing labels, an absent control value, unparsable or misaligned doses.
+    """
+    check_obs_column(adata, perturbation_key, "perturbation_key")
+    if dose_key is not None:
+        check_obs_column(adata, dose_key, "dose_key")
+    labels = _column_as_str(adata, perturbation_key, "perturbation_key")
+    control = str(control)
+    if not (labels == control).any():
+        raise CellflowValueError(
+            f"control={control!r} does not occur in adata.obs[{perturbation_key!r}]; values present: "
+            f"{format_choices(sorted(set(labels)))}."
+        )
+    doses = adata.obs[dose_key].to_numpy() if dose_key is not None else np.full(adata.n_obs, None, dtype=object)
+    # Parse each distinct (label, dose) pair once: tables have millions of cells but few conditions.
+    codes, first = _factorize_pairs(labels, doses)
+    unique = [parse_condition(labels[i], doses[i], control=control, dose_key=dose_key) for i in first]
+    return ObsConditions(unique, codes)
+
+
+def _factorize_pairs(labels: np.ndarray, doses: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Codes of distinct (label, dose) pairs per cell, and the first cell of each pair."""
+    keys = pd.Series(labels).str.cat(pd.Series(doses, dtype=object).map(repr), sep="\x1f")
+    codes, uniques = pd.factorize(keys, sort=False)
+    first = np.full(len(uniques), -1, dtype=np.int64)
+    seen = np.unique(codes, return_index=True)
+    first[seen[0]] = seen[1]
+    return codes, first
+
+
+def _control_pools(
+    controls: pd.DataFrame, covariate_keys: tuple[str, ...]
+) -> tuple[pd.DataFrame, tuple[np.ndarray, ...], dict[tuple[str, ...], int]]:
+    """Control pools per covariate value combination, plus a last pool of all controls."""
+    indices: list[np.ndarray] = []
+    records: list[dict[str, Any]] = []
+    lookup: dict[tuple[str, ...], int] = {}
+    if covariate_keys:
+        for values, frame in controls.groupby(list(covariate_keys), sort=True, observed=True):
+            values = values if isinstance(values, tuple) else (values,)
+            lookup[tuple(values)] = len(indices)
+            indices.append(frame.index.to_numpy())
+            records.append({**dict(zip(covariate_keys, values)), "n_cells": len(frame)})
+    indices.append(controls.index.to_numpy())
+    records.append({**{k: ALL_CONTROLS for k in covariate_keys}, "n_cells": len(controls)})
+    return pd.DataFrame.from_records(records), tuple(indices), lookup

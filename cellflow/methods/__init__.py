@@ -1,0 +1,36 @@
+"""Registry of the methods available to :class:`cellflow.ResponseModel`."""
+
+from __future__ import annotations
+
+from cellflow._errors import CellflowKeyError, format_choices
+from cellflow.methods._base import Method, Option
+from cellflow.methods._baselines import GaussianOT, Identity, MeanShift
+
+__all__ = ["Method", "Option", "METHODS", "PLANNED_METHODS", "get_method", "register_method"]
+
+METHODS: dict[str, Method] = {}
+
+# Part of the public API contract, not yet implemented in this release.
+PLANNED_METHODS = ("flow_matching", "schrodinger_bridge", "neural_ot", "diffusion")
+
+
+def register_method(method: Method) -> Method:
+    """Make ``method`` available as ``ResponseModel(..., method=method.name)``."""
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    """The registered method called ``name``; raises with the list of choices otherwise."""
+    if name in METHODS:
+        return METHODS[name]
+    if name in PLANNED_METHODS:
+        raise CellflowKeyError(
+            f"method={name!r} is part of the cellflow API but not available in this release; "
+            f"available methods: {format_choices(METHODS)}."
+        )
+    raise CellflowKeyError(f"method={name!r} is unknown; valid choices: {format_choices(METHODS)}.")
+
+
+for _method in (Identity(), MeanShift(), GaussianOT()):
+    register_method(_method)

@@ -1,0 +1,117 @@
+"""The closed-form baselines through the method contract: identity, mean_shift, gaussian_ot."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from cellflow.data import Condition, DataSpec, EmbeddingTable, PerturbationData, condition_weights
+from cellflow.methods._base import Method, Option
+from cellflow.solvers import baselines
+
+__all__ = ["Identity", "MeanShift", "GaussianOT"]
+
+
+class Identity(Method):
+    """Predicts the source cells unchanged: the "no effect" yardstick."""
+
+    name = "identity"
+    summary = "returns the source cells"
+
+    def fit(self, data, embeddings, options, *, steps, batch_size, seed, progress) -> dict:
+        return {}
+
+    def predict(self, state, spec, embeddings, options, source, condition, covariates, key) -> np.ndarray:
+        return np.array(source, dtype=np.float32)
+
+    def state_to_arrays(self, state) -> dict[str, np.ndarray]:
+        return {}
+
+    def state_from_arrays(self, arrays, spec, options) -> dict:
+        return {}
+
+
+class _AffineBaseline(Method):
+    """A baseline whose per-group responses are affine displacements, combined by condition weights."""
+
+    covariances = False
+
+    def _fit_response(self, moments: baselines.GroupMoments) -> baselines.AffineResponse:
+        raise NotImplementedError
+
+    def fit(self, data: PerturbationData, embeddings, options, *, steps, batch_size, seed, progress):
+        pools = [data.cells[index] for index in data.pool_index]
+        sources = [pools[p] for p in data.spec.groups["pool"]]
+        targets = [data.cells[index] for index in data.group_index]
+        moments = baselines.group_moments(
+            sources, targets, covariances=self.covariances, shrinkage=options.get("shrinkage", "ledoit_wolf")
+        )
+        return self._fit_response(moments)
+
+    def predict(
+        self,
+        state: baselines.AffineResponse,
+        spec: DataSpec,
+        embeddings: EmbeddingTable,
+        options: Mapping[str, Any],
+        source: np.ndarray,
+        condition: Condition,
+        covariates: tuple[str | None, ...],
+        key: jax.Array,
+    ) -> np.ndarray:
+        weights = condition_weights(condition, covariates, spec.group_conditions, spec.group_covariates)
+        return np.asarray(baselines.push(state, source, weights))
+
+    def state_to_arrays(self, state: baselines.AffineResponse) -> dict[str, np.ndarray]:
+        arrays = {"offset": np.asarray(state.offset)}
+        if state.linear is not None:
+            arrays["linear"] = np.asarray(state.linear)
+        return arrays
+
+    def state_from_arrays(self, arrays, spec, options) -> baselines.AffineResponse:
+        return baselines.AffineResponse(offset=arrays["offset"], linear=arrays.get("linear"))
+
+
+class MeanShift(_AffineBaseline):
+    """Adds the observed mean shift of the condition (control pool to treated cells).
+
+    Combinations add their members' shifts; an unseen dose takes the nearest seen dose on a log
+    scale; unseen covariate values average over those where the condition was observed (see
+    :func:`cellflow.data.condition_weights`).
+    """
+
+    name = "mean_shift"
+    summary = "source + observed mean shift (members added, nearest log-dose, covariate average)"
+
+    def _fit_response(self, moments):
+        return baselines.fit_mean_shift(moments)
+
+
+def _check_shrinkage(value: Any) -> str | None:
+    if value == "ledoit_wolf":
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0:
+        return None
+    return "expected 'ledoit_wolf' or a number in [0, 1]."
+
+
+class GaussianOT(_AffineBaseline):
+    """The closed-form W2 map between Gaussian fits of control and treated cells.
+
+    Combinations add their members' displacements; doses and covariates are resolved as for
+    ``mean_shift``. Covariances are Ledoit-Wolf shrunk by default, so the map is defined even with
+    fewer cells than features; fit it in a reduced space (PCA), not on thousands of genes.
+    """
+
+    name = "gaussian_ot"
+    summary = "closed-form W2 map between Gaussian fits (members' displacements added)"
+    covariances = True
+    options = {
+        "shrinkage": Option("ledoit_wolf", "covariance shrinkage: 'ledoit_wolf' or a number in [0, 1]", _check_shrinkage),
+    }
+
+    def _fit_response(self, moments):
+        return baselines.fit_gaussian_ot(moments)

@@ -1,0 +1,382 @@
+"""``ResponseModel``: the AnnData-facing facade (fit / predict / save / load)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import jax
+import numpy as np
+import pandas as pd
+
+from cellflow import __version__
+from cellflow._errors import CellflowKeyError, CellflowValueError, format_choices
+from cellflow.data import (
+    DataSpec,
+    EmbeddingTable,
+    format_dose,
+    get_representation,
+    make_embedding_table,
+    parse_condition,
+    prepare,
+)
+from cellflow.methods import METHODS, get_method
+
+__all__ = ["ResponseModel"]
+
+_FORMAT_VERSION = 1
+_CONFIG_FILE = "cellflow.json"
+_STATE_FILE = "state.npz"
+_EMBEDDINGS_FILE = "embeddings.npy"
+
+
+class ResponseModel:
+    """Learn how perturbations move a population of control cells, and predict unseen conditions.
+
+    Parameters
+    ----------
+    adata
+        Control and perturbed cells. Never modified.
+    rep
+        Where cells live: ``"X"``, a layer name or an ``obsm`` key.
+    perturbation_key
+        ``obs`` column of perturbation labels; a combination is ``"A+B"``.
+    control
+        The value of ``perturbation_key`` for unperturbed cells.
+    dose_key
+        Optional ``obs`` column of doses: a number, or ``"1.0+0.5"`` aligned with the members.
+    covariate_keys
+        ``obs`` columns the response depends on (cell line, cell type, patient). Each treated
+        group is paired with the control cells that share its covariate values, or with all
+        controls where there are none.
+    perturbation_embeddings
+        Optional ``{name: vector}`` or DataFrame indexed by name; default one-hot. Names beyond
+        the training data make unseen perturbations predictable by methods that use embeddings.
+    method
+        One of the registered methods (see ``cellflow.methods.METHODS``): ``"identity"``,
+        ``"mean_shift"``, ``"gaussian_ot"``; the learned methods of the API contract
+        (``"flow_matching"``, ``"schrodinger_bridge"``, ``"neural_ot"``, ``"diffusion"``) raise a
+        clear error until they are available.
+    **options
+        Method hyper-parameters, validated against the method's documented options.
+
+    Examples
+    --------
+    >>> model = cf.ResponseModel(adata, rep="X_pca", perturbation_key="condition",
+    ...                          control="control", covariate_keys=("patient",), method="mean_shift")
+    >>> pred = model.fit().predict(adata[adata.obs.condition == "control"], perturbation="A+B")
+    """
+
+    def __init__(
+        self,
+        adata: ad.AnnData,
+        rep: str = "X_pca",
+        perturbation_key: str = "condition",
+        control: str = "control",
+        dose_key: str | None = None,
+        covariate_keys: Sequence[str] = (),
+        perturbation_embeddings: Mapping[str, Sequence[float]] | pd.DataFrame | None = None,
+        method: str = "flow_matching",
+        **options: Any,
+    ) -> None:
+        self.method = method
+        self._method = get_method(method)
+        self.options = self._method.validate_options(options)
+        self._data = prepare(
+            adata,
+            rep=rep,
+            perturbation_key=perturbation_key,
+            control=control,
+            dose_key=dose_key,
+            covariate_keys=covariate_keys,
+        )
+        self.spec_: DataSpec = self._data.spec
+        self.embeddings_: EmbeddingTable = make_embedding_table(self.spec_.vocabulary, perturbation_embeddings)
+        self.state_: Any = None
+        self.history_: pd.DataFrame = pd.DataFrame()
+
+    # -- properties ---------------------------------------------------------------------------
+    @property
+    def rep(self) -> str:
+        return self.spec_.rep
+
+    @property
+    def perturbation_key(self) -> str:
+        return self.spec_.perturbation_key
+
+    @property
+    def control(self) -> str:
+        return self.spec_.control
+
+    @property
+    def is_fitted(self) -> bool:
+        return self.state_ is not None
+
+    def __repr__(self) -> str:
+        spec = self.spec_
+        status = "fitted" if self.is_fitted else "not fitted"
+        return (
+            f"ResponseModel(method={self.method!r}, rep={spec.rep!r}, n_features={spec.n_features}, "
+            f"groups={len(spec.groups)}, perturbations={len(spec.vocabulary)}, "
+            f"covariate_keys={list(spec.covariate_keys)}, {status})"
+        )
+
+    # -- fit ----------------------------------------------------------------------------------
+    def fit(
+        self, steps: int | None = None, batch_size: int | None = None, seed: int = 0, progress: bool = True
+    ) -> ResponseModel:
+        """Fit the method on the training data and return ``self``.
+
+        Parameters
+        ----------
+        steps
+            Training steps (learned methods; ``None`` for the method's default). The closed-form
+            baselines ignore it.
+        batch_size
+            Cells per batch (learned methods).
+        seed
+            Seed of all randomness in training.
+        progress
+            Show a progress bar.
+        """
+        if self._data is None:
+            raise CellflowValueError(
+                "this model was loaded from disk without its training data; build a new ResponseModel to refit."
+            )
+        for name, value in (("steps", steps), ("batch_size", batch_size)):
+            if value is not None and (not isinstance(value, (int, np.integer)) or value <= 0):
+                raise CellflowValueError(f"{name}={value!r} must be a positive integer or None.")
+        self.state_ = self._method.fit(
+            self._data,
+            self.embeddings_,
+            self.options,
+            steps=steps,
+            batch_size=batch_size,
+            seed=int(seed),
+            progress=progress,
+        )
+        return self
+
+    # -- predict ------------------------------------------------------------------------------
+    def _source_array(self, source: ad.AnnData | np.ndarray) -> np.ndarray:
+        if isinstance(source, ad.AnnData):
+            x = get_representation(source, self.rep)
+        else:
+            x = np.array(source, dtype=np.float32)
+            if x.ndim != 2:
+                raise CellflowValueError(f"source must be an AnnData or a (cells, features) array, got shape {x.shape}.")
+        if x.shape[1] != self.spec_.n_features:
+            raise CellflowValueError(
+                f"source has {x.shape[1]} features in rep={self.rep!r} but the model was trained on "
+                f"{self.spec_.n_features}; source shape {x.shape}, expected (n, {self.spec_.n_features})."
+            )
+        if x.shape[0] == 0:
+            raise CellflowValueError("source has no cells.")
+        return x
+
+    def _source_covariates(self, source: Any, covariates: Mapping[str, Any] | None) -> list[tuple[str | None, ...]]:
+        """Covariate values of every source cell: from ``covariates``, else from ``source.obs``."""
+        keys = self.spec_.covariate_keys
+        covariates = dict(covariates or {})
+        unknown = [k for k in covariates if k not in keys]
+        if unknown:
+            raise CellflowKeyError(
+                f"covariates key {unknown[0]!r} is not a covariate of this model; valid choices: {format_choices(keys)}."
+            )
+        n = source.n_obs if isinstance(source, ad.AnnData) else len(source)
+        columns = []
+        for key in keys:
+            if key in covariates:
+                columns.append([str(covariates[key])] * n)
+            elif isinstance(source, ad.AnnData) and key in source.obs.columns:
+                columns.append(source.obs[key].astype(str).tolist())
+            else:
+                columns.append([None] * n)
+        return list(zip(*columns)) if keys else [()] * n
+
+    def predict(
+        self,
+        source: ad.AnnData | np.ndarray,
+        perturbation: str | Sequence[str],
+        dose: float | str | Sequence[float | str] | None = None,
+        covariates: Mapping[str, Any] | None = None,
+        seed: int = 0,
+    ) -> ad.AnnData:
+        """Predict the treated state of every source cell under one or several conditions.
+
+        Parameters
+        ----------
+        source
+            Control cells in the model's ``rep`` (AnnData, or a ``(n, d)`` array), e.g. a new
+            patient's untreated cells.
+        perturbation
+            A condition (``"A"``, ``"A+B"``), or a list of them, stacked in the output.
+        dose
+            ``None``, a number, ``"1.0+0.5"``; or a list aligned with ``perturbation``.
+        covariates
+            ``{key: value}`` applied to every source cell; values may be unseen. Keys not given
+            are read per cell from ``source.obs`` when present, else treated as unknown.
+        seed
+            Seed of the prediction's randomness (stochastic methods).
+
+        Returns
+        -------
+        AnnData with one predicted cell per source cell per condition, holding the prediction in
+        the model's ``rep`` (``X``, the layer, or ``obsm``), ``obs`` copied from the source with
+        ``obs[perturbation_key]`` (and ``obs[dose_key]``) set.
+        """
+        if not self.is_fitted:
+            raise CellflowValueError("the model is not fitted; call model.fit() first.")
+        x = self._source_array(source)
+        perturbations = [perturbation] if isinstance(perturbation, str) else list(perturbation)
+        if not perturbations:
+            raise CellflowValueError("perturbation must name at least one condition.")
+        if isinstance(dose, (list, tuple, np.ndarray, pd.Series)):
+            doses = list(dose)
+            if len(doses) != len(perturbations):
+                raise CellflowValueError(
+                    f"dose has {len(doses)} entries but perturbation has {len(perturbations)}; give one per condition."
+                )
+        else:
+            doses = [dose] * len(perturbations)
+        conditions = [
+            parse_condition(p, d, control=self.control, dose_key=self.spec_.dose_key) for p, d in zip(perturbations, doses)
+        ]
+        for condition in conditions:
+            for member in condition.members:
+                self.embeddings_.index(member)  # raises for unknown perturbations without embedding
+        cell_covariates = self._source_covariates(source, covariates)
+        groups: dict[tuple, list[int]] = {}
+        for i, values in enumerate(cell_covariates):
+            groups.setdefault(values, []).append(i)
+
+        key = jax.random.key(seed)
+        blocks = []
+        for c, condition in enumerate(conditions):
+            y = np.empty_like(x)
+            for g, (values, rows) in enumerate(groups.items()):
+                rows = np.asarray(rows)
+                y[rows] = self._method.predict(
+                    self.state_,
+                    self.spec_,
+                    self.embeddings_,
+                    self.options,
+                    x[rows],
+                    condition,
+                    values,
+                    jax.random.fold_in(jax.random.fold_in(key, c), g),
+                )
+            blocks.append(y)
+        return self._assemble(source, blocks, conditions, perturbations)
+
+    def _assemble(self, source, blocks, conditions, labels) -> ad.AnnData:
+        n = blocks[0].shape[0]
+        if isinstance(source, ad.AnnData):
+            base_obs = source.obs.copy()
+            names = source.obs_names.astype(str)
+        else:
+            base_obs = pd.DataFrame(index=pd.RangeIndex(n).astype(str))
+            names = base_obs.index
+        frames = []
+        for condition, label in zip(conditions, labels):
+            obs = base_obs.copy()
+            obs[self.perturbation_key] = condition.label if not condition.is_control else self.control
+            if self.spec_.dose_key is not None:
+                obs[self.spec_.dose_key] = condition.dose_label if not condition.is_control else format_dose(0.0)
+            obs.index = [f"{name}-{label}" for name in names]
+            frames.append(obs)
+        obs = pd.concat(frames)
+        obs[self.perturbation_key] = obs[self.perturbation_key].astype("category")
+        prediction = np.concatenate(blocks).astype(np.float32)
+        rep = self.rep
+        if rep == "X":
+            out = ad.AnnData(X=prediction, obs=obs, var=self._var())
+        elif self.spec_.feature_names is not None:  # a layer
+            out = ad.AnnData(obs=obs, var=self._var(), layers={rep: prediction})
+        else:
+            out = ad.AnnData(obs=obs, obsm={rep: prediction})
+        out.uns["cellflow"] = {"method": self.method, "rep": rep}
+        return out
+
+    def _var(self) -> pd.DataFrame:
+        names = self.spec_.feature_names or tuple(str(i) for i in range(self.spec_.n_features))
+        return pd.DataFrame(index=pd.Index(names, name=None))
+
+    # -- persistence --------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> None:
+        """Save the fitted model to the directory ``path``, atomically.
+
+        The model is written to a temporary sibling directory and moved into place only when
+        complete, so an interrupted save never leaves a half-written model at ``path``.
+
+        Parameters
+        ----------
+        path
+            Target directory.
+        overwrite
+            Replace an existing directory at ``path``.
+        """
+        if not self.is_fitted:
+            raise CellflowValueError("the model is not fitted; nothing to save.")
+        path = Path(path)
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        try:
+            config = {
+                "format_version": _FORMAT_VERSION,
+                "cellflow_version": __version__,
+                "method": self.method,
+                "options": self.options,
+                "spec": json.loads(self.spec_.to_json()),
+                "embeddings": {"names": list(self.embeddings_.names), "one_hot": self.embeddings_.one_hot},
+                "history": self.history_.to_dict(orient="list"),
+            }
+            (tmp / _CONFIG_FILE).write_text(json.dumps(config, indent=1))
+            np.save(tmp / _EMBEDDINGS_FILE, self.embeddings_.vectors)
+            np.savez(tmp / _STATE_FILE, **self._method.state_to_arrays(self.state_))
+            if path.exists():
+                backup = path.with_name(f".{path.name}.old-{os.getpid()}")
+                os.replace(path, backup)
+                os.replace(tmp, path)
+                shutil.rmtree(backup, ignore_errors=True)
+            else:
+                os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ResponseModel:
+        """Load a model saved with :meth:`save`; it predicts exactly as the saved one did."""
+        path = Path(path)
+        config_file = path / _CONFIG_FILE
+        if not config_file.exists():
+            raise FileNotFoundError(f"{path} holds no saved cellflow model ({_CONFIG_FILE} missing).")
+        config = json.loads(config_file.read_text())
+        if config.get("format_version") != _FORMAT_VERSION:
+            raise CellflowValueError(
+                f"{path} was saved in format {config.get('format_version')!r}; this cellflow reads {_FORMAT_VERSION}."
+            )
+        if config["method"] not in METHODS:
+            get_method(config["method"])  # raises with the list of available methods
+        model = cls.__new__(cls)
+        model.method = config["method"]
+        model._method = get_method(config["method"])
+        model.options = model._method.validate_options(config["options"])
+        model._data = None
+        model.spec_ = DataSpec.from_json(json.dumps(config["spec"]))
+        model.embeddings_ = EmbeddingTable(
+            tuple(config["embeddings"]["names"]), np.load(path / _EMBEDDINGS_FILE), config["embeddings"]["one_hot"]
+        )
+        with np.load(path / _STATE_FILE) as arrays:
+            model.state_ = model._method.state_from_arrays(dict(arrays), model.spec_, model.options)
+        model.history_ = pd.DataFrame(config.get("history", {}))
+        return model
