@@ -1,0 +1,570 @@
+"""Preprocessing: log-normalisation, PCA with a decoder back to genes, and top DEGs.
+
+The functions follow scanpy habits: they take an :class:`~anndata.AnnData`, read ``X`` or a
+layer, and either return a new AnnData (``copy=True``, the default here) or write into the
+input and return ``None`` (``copy=False``).
+
+:func:`pca` stores everything needed to map an embedding back to gene space in
+``adata.uns[key_added]``, so that predictions made in PCA space (e.g. by a flow-matching model)
+can be decoded with :func:`decode` / :func:`decode_adata`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scanpy as sc
+import scipy.sparse as sp
+
+from cellflow._errors import CellflowKeyError, CellflowValueError, format_choices
+from cellflow.data._representation import get_representation
+
+__all__ = ["log_normalize", "pca", "decode", "decode_adata", "top_degs"]
+
+_DEG_METHODS = ("wilcoxon", "t-test", "t-test_overestim_var")
+_CONTROL = "__cellflow_control__"  # internal label of control cells in top_degs
+_HVG_FLAVORS = ("seurat", "cell_ranger", "seurat_v3", "seurat_v3_paper")
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+def _gene_matrix(adata: ad.AnnData, rep: str | None, argname: str = "rep") -> Any:
+    """Return ``adata.X`` (``rep`` is ``"X"`` or ``None``) or ``adata.layers[rep]``, uncopied."""
+    if rep is None or rep == "X":
+        matrix = adata.X
+        if matrix is None:
+            raise CellflowValueError(f"{argname}='X' is empty (adata.X is None); pass a layer name instead.")
+        return matrix
+    if not isinstance(rep, str) or rep not in adata.layers:
+        raise CellflowKeyError(
+            f"{argname}={rep!r} is neither 'X' nor a layer of this AnnData; "
+            f"valid choices: {format_choices(['X', *adata.layers.keys()])}."
+        )
+    return adata.layers[rep]
+
+
+def _float_copy(matrix: Any) -> np.ndarray | sp.spmatrix:
+    """A floating-point copy of a dense or sparse matrix; integers become float32."""
+    if sp.issparse(matrix):
+        dtype = matrix.dtype if np.issubdtype(matrix.dtype, np.floating) else np.float32
+        return sp.csr_matrix(matrix, dtype=dtype, copy=True)
+    array = np.asarray(matrix.to_numpy() if hasattr(matrix, "to_numpy") else matrix)
+    dtype = array.dtype if np.issubdtype(array.dtype, np.floating) else np.float32
+    return np.array(array, dtype=dtype, copy=True)
+
+
+def _values(matrix: Any) -> np.ndarray:
+    """The stored values of a dense or sparse matrix (for cheap checks)."""
+    return np.asarray(matrix.data if sp.issparse(matrix) else matrix)
+
+
+def _check_finite_matrix(matrix: Any, argname: str, rep: str) -> None:
+    if not np.isfinite(_values(matrix)).all():
+        raise CellflowValueError(f"{argname}={rep!r} holds NaN or inf values; remove or impute them first.")
+
+
+def _looks_like_counts(matrix: Any) -> bool:
+    values = _values(matrix)
+    return values.size > 0 and bool(np.all(values >= 0)) and bool(np.all(values == np.round(values)))
+
+
+def _check_positive_int(value: Any, argname: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise CellflowValueError(f"{argname} must be a positive integer, got {value!r}.")
+    return int(value)
+
+
+# --------------------------------------------------------------------------------------------
+# log_normalize
+# --------------------------------------------------------------------------------------------
+def log_normalize(
+    adata: ad.AnnData,
+    *,
+    target_sum: float | None = 1e4,
+    layer: str | None = None,
+    key_added: str = "logcounts",
+    copy: bool = True,
+) -> ad.AnnData | None:
+    """Library-size normalise and ``log1p``-transform counts into a new layer.
+
+    Runs :func:`scanpy.pp.normalize_total` followed by :func:`scanpy.pp.log1p` on a copy of
+    ``adata.X`` (or of ``adata.layers[layer]``) and stores the result in
+    ``adata.layers[key_added]``. The source matrix is never modified; an existing layer
+    ``key_added`` is overwritten.
+
+    Parameters
+    ----------
+    adata
+        AnnData holding non-negative counts in ``X`` or in ``layer``.
+    target_sum
+        Total count of every cell after normalisation. ``None`` uses the median of the cells'
+        totals (scanpy's behaviour).
+    layer
+        Layer holding the counts; ``None`` (or ``"X"``) reads ``adata.X``.
+    key_added
+        Name of the layer that receives the log-normalised values.
+    copy
+        If ``True`` (default), return a new AnnData and leave ``adata`` untouched. If
+        ``False``, add the layer to ``adata`` in place and return ``None``.
+
+    Returns
+    -------
+    A new :class:`~anndata.AnnData` with ``layers[key_added]`` if ``copy=True``, else ``None``.
+    Sparse input gives a sparse (CSR) layer; integer counts give float32 values.
+    """
+    matrix = _gene_matrix(adata, layer, "layer")
+    if not isinstance(key_added, str) or not key_added:
+        raise CellflowValueError(f"key_added must be a non-empty string, got {key_added!r}.")
+    if target_sum is not None and not (np.isfinite(target_sum) and target_sum > 0):
+        raise CellflowValueError(f"target_sum must be a positive number or None, got {target_sum!r}.")
+    source = "X" if layer is None else layer
+    _check_finite_matrix(matrix, "layer", source)
+    values = _values(matrix)
+    if values.size and values.min() < 0:
+        raise CellflowValueError(
+            f"layer={source!r} holds negative values (min {values.min():.4g}); log_normalize expects "
+            "non-negative counts. Is it already normalised?"
+        )
+
+    work = ad.AnnData(X=_float_copy(matrix))
+    sc.pp.normalize_total(work, target_sum=target_sum)
+    sc.pp.log1p(work)
+
+    out = adata.copy() if copy else adata
+    out.layers[key_added] = work.X
+    return out if copy else None
+
+
+# --------------------------------------------------------------------------------------------
+# pca
+# --------------------------------------------------------------------------------------------
+def pca(
+    adata: ad.AnnData,
+    n_comps: int = 50,
+    *,
+    rep: str = "X",
+    key_added: str = "X_pca",
+    n_top_genes: int | None = None,
+    hvg_flavor: Literal["seurat", "cell_ranger", "seurat_v3", "seurat_v3_paper"] = "seurat",
+    svd_solver: str | None = None,
+    random_state: int | None = 0,
+    copy: bool = True,
+) -> ad.AnnData | None:
+    """Principal component analysis of ``X`` or a layer, storing a decoder to gene space.
+
+    The chosen matrix is (optionally) restricted to highly variable genes, centred per gene
+    and decomposed with :func:`scanpy.pp.pca`. Sparse matrices are supported (scanpy centres
+    them implicitly, without densifying). An embedding ``z`` maps back to genes as
+    ``mean + z @ components`` (see :func:`decode`).
+
+    Parameters
+    ----------
+    adata
+        The AnnData.
+    n_comps
+        Number of principal components; at most ``min(n_obs, n_genes used)``.
+    rep
+        ``"X"`` or the name of a layer (e.g. ``"logcounts"``) to decompose.
+    key_added
+        Key of the embedding in ``obsm`` and of the decoder in ``uns``.
+    n_top_genes
+        If given, first select this many highly variable genes of ``rep`` with
+        :func:`scanpy.pp.highly_variable_genes` and run PCA on them only.
+    hvg_flavor
+        ``flavor`` of :func:`scanpy.pp.highly_variable_genes`. ``"seurat"`` and
+        ``"cell_ranger"`` expect log-normalised values (a warning is raised if ``rep`` looks
+        like raw counts); ``"seurat_v3"`` expects counts and needs ``scikit-misc``.
+    svd_solver
+        Passed to :func:`scanpy.pp.pca`. ``None`` uses scanpy's default, or
+        ``"covariance_eigh"`` when ``n_comps`` equals ``min(n_obs, n_genes)`` (which ARPACK
+        cannot compute).
+    random_state
+        Seed of the SVD solver.
+    copy
+        If ``True`` (default), return a new AnnData and leave ``adata`` untouched. If
+        ``False``, write the results into ``adata`` and return ``None`` (scanpy's convention).
+
+    Returns
+    -------
+    A new :class:`~anndata.AnnData` if ``copy=True``, else ``None``. Either way the target
+    AnnData receives
+
+    ``obsm[key_added]``
+        ``(n_obs, n_comps)`` embedding, ``(x - mean) @ components.T``.
+    ``uns[key_added]``
+        dict with ``mean`` ``(n_genes,)``, ``components`` ``(n_comps, n_genes)`` (orthonormal
+        rows), ``variance`` and ``variance_ratio`` ``(n_comps,)``, ``var_names`` (the
+        ``n_genes`` genes used, in order), ``rep``, ``n_comps``, and, when ``n_top_genes`` is
+        given, ``n_top_genes``, ``hvg_flavor`` and ``highly_variable`` (boolean mask over all
+        of ``adata.var_names``).
+
+    Float64 input is decomposed in float64; anything else in float32.
+    """
+    n_comps = _check_positive_int(n_comps, "n_comps")
+    if not isinstance(key_added, str) or not key_added:
+        raise CellflowValueError(f"key_added must be a non-empty string, got {key_added!r}.")
+    matrix = _gene_matrix(adata, rep)
+    _check_finite_matrix(matrix, "rep", rep)
+    matrix = _float_copy(matrix)
+    var_names = np.asarray(adata.var_names, dtype=object)
+
+    hvg_mask = None
+    if n_top_genes is not None:
+        n_top_genes = _check_positive_int(n_top_genes, "n_top_genes")
+        if n_top_genes > adata.n_vars:
+            raise CellflowValueError(f"n_top_genes={n_top_genes} exceeds the number of genes ({adata.n_vars}).")
+        if hvg_flavor not in _HVG_FLAVORS:
+            raise CellflowKeyError(f"hvg_flavor={hvg_flavor!r} is unknown; valid choices: {format_choices(_HVG_FLAVORS)}.")
+        if hvg_flavor in ("seurat", "cell_ranger") and _looks_like_counts(matrix):
+            warnings.warn(
+                f"rep={rep!r} looks like raw counts, but hvg_flavor={hvg_flavor!r} expects log-normalised "
+                "data; run cellflow.pp.log_normalize and pass rep='logcounts', or use hvg_flavor='seurat_v3'.",
+                UserWarning,
+                stacklevel=2,
+            )
+        work = ad.AnnData(X=matrix, var=pd.DataFrame(index=pd.Index(var_names.astype(str))))
+        sc.pp.highly_variable_genes(work, n_top_genes=n_top_genes, flavor=hvg_flavor)
+        hvg_mask = work.var["highly_variable"].to_numpy(dtype=bool)
+        matrix = matrix[:, hvg_mask]
+        var_names = var_names[hvg_mask]
+
+    n_obs, n_genes = matrix.shape
+    if n_comps > min(n_obs, n_genes):
+        raise CellflowValueError(
+            f"n_comps={n_comps} exceeds min(n_obs, n_genes) = min({n_obs}, {n_genes}) = {min(n_obs, n_genes)}."
+        )
+    if svd_solver is None and n_comps == min(n_obs, n_genes):
+        svd_solver = "covariance_eigh"
+    dtype = np.float64 if matrix.dtype == np.float64 else np.float32
+    if sp.issparse(matrix):
+        mean = np.asarray(matrix.sum(axis=0, dtype=np.float64)).ravel() / n_obs
+    else:
+        mean = matrix.mean(axis=0, dtype=np.float64)
+
+    work = ad.AnnData(X=matrix)
+    sc.pp.pca(work, n_comps=n_comps, zero_center=True, svd_solver=svd_solver, random_state=random_state, dtype=dtype)
+
+    info: dict[str, Any] = {
+        "mean": mean.astype(dtype),
+        "components": np.ascontiguousarray(work.varm["PCs"].T, dtype=dtype),
+        "variance": np.asarray(work.uns["pca"]["variance"], dtype=np.float64),
+        "variance_ratio": np.asarray(work.uns["pca"]["variance_ratio"], dtype=np.float64),
+        "var_names": var_names,
+        "rep": rep,
+        "n_comps": n_comps,
+    }
+    if hvg_mask is not None:
+        info.update(n_top_genes=n_top_genes, hvg_flavor=hvg_flavor, highly_variable=hvg_mask)
+
+    out = adata.copy() if copy else adata
+    out.obsm[key_added] = np.asarray(work.obsm["X_pca"], dtype=dtype)
+    out.uns[key_added] = info
+    return out if copy else None
+
+
+# --------------------------------------------------------------------------------------------
+# decode
+# --------------------------------------------------------------------------------------------
+def _pca_info(reference: ad.AnnData | Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    if isinstance(reference, ad.AnnData):
+        if key not in reference.uns:
+            raise CellflowKeyError(
+                f"key={key!r} is not in reference.uns, so there is no PCA decoder to use; run "
+                f"cellflow.pp.pca(reference, key_added={key!r}) first. uns keys present: "
+                f"{format_choices(reference.uns.keys())}."
+            )
+        info = reference.uns[key]
+        where = f"reference.uns[{key!r}]"
+    elif isinstance(reference, Mapping):
+        info = reference
+        where = "reference"
+    else:
+        raise CellflowValueError(
+            f"reference must be the AnnData on which cellflow.pp.pca was run, or its uns dict; got "
+            f"{type(reference).__name__}."
+        )
+    if not isinstance(info, Mapping):
+        raise CellflowValueError(f"{where} is a {type(info).__name__}, not a dict written by cellflow.pp.pca.")
+    missing = [k for k in ("mean", "components") if k not in info]
+    if missing:
+        raise CellflowKeyError(
+            f"{where} lacks {format_choices(missing)}; it was not written by cellflow.pp.pca "
+            f"(keys present: {format_choices(info.keys())}). Run cellflow.pp.pca(..., key_added={key!r})."
+        )
+    return info
+
+
+def decode(x: Any, reference: ad.AnnData | Mapping[str, Any], *, key: str = "X_pca") -> np.ndarray:
+    """Map PCA embeddings back to gene space: ``mean + x @ components``.
+
+    Parameters
+    ----------
+    x
+        Embeddings of shape ``(..., n_comps)`` (NumPy, JAX or anything array-like); a single
+        cell may be given as a 1-d array.
+    reference
+        The AnnData on which :func:`pca` was run (its ``uns[key]`` is read), or that dict itself.
+    key
+        ``key_added`` used in :func:`pca`.
+
+    Returns
+    -------
+    np.ndarray of shape ``(..., n_genes)`` over ``uns[key]["var_names"]``, in the precision of
+    the stored components (float32 unless the PCA was run on float64 data).
+    """
+    info = _pca_info(reference, key)
+    components = np.asarray(info["components"])
+    mean = np.asarray(info["mean"])
+    x = np.asarray(x)
+    if x.ndim == 0 or x.shape[-1] != components.shape[0]:
+        raise CellflowValueError(
+            f"x has shape {x.shape} but the PCA {key!r} has components of shape {components.shape} "
+            f"(n_comps, n_genes); x must be (..., {components.shape[0]})."
+        )
+    if not np.issubdtype(x.dtype, np.floating):
+        x = x.astype(components.dtype)
+    return (x @ components + mean).astype(np.result_type(components.dtype, np.float32), copy=False)
+
+
+def decode_adata(
+    adata: ad.AnnData,
+    reference: ad.AnnData | Mapping[str, Any],
+    *,
+    rep: str = "X_pca",
+    key: str = "X_pca",
+) -> ad.AnnData:
+    """Decode the embedding ``rep`` of every cell of ``adata`` into a gene-space AnnData.
+
+    Parameters
+    ----------
+    adata
+        AnnData holding embeddings, e.g. predicted cells, in ``obsm[rep]`` (or ``X`` / a layer).
+    reference
+        The AnnData on which :func:`pca` was run, or its ``uns[key]`` dict.
+    rep
+        Where the embeddings of ``adata`` live: an ``obsm`` key (looked up first), a layer or
+        ``"X"``.
+    key
+        ``key_added`` used in :func:`pca`.
+
+    Returns
+    -------
+    A new :class:`~anndata.AnnData` with ``X`` the decoded expression (dense), ``obs`` a copy of
+    ``adata.obs`` and ``var`` the reference's ``var`` rows for the genes used by the PCA (just
+    their names when ``reference`` is a dict or lacks some of them).
+    """
+    info = _pca_info(reference, key)
+    x = get_representation(adata, rep)
+    decoded = decode(x, info, key=key)
+    n_genes = decoded.shape[1]
+    if "var_names" in info:
+        var_names = pd.Index(np.asarray(info["var_names"]).astype(str))
+    else:
+        var_names = pd.Index([str(i) for i in range(n_genes)])
+    if len(var_names) != n_genes:
+        raise CellflowValueError(
+            f"the PCA {key!r} stores {len(var_names)} var_names but components for {n_genes} genes."
+        )
+    if isinstance(reference, ad.AnnData) and var_names.isin(reference.var_names).all():
+        var = reference.var.loc[var_names].copy()
+    else:
+        var = pd.DataFrame(index=var_names)
+    return ad.AnnData(X=decoded, obs=adata.obs.copy(), var=var)
+
+
+# --------------------------------------------------------------------------------------------
+# top_degs
+# --------------------------------------------------------------------------------------------
+def _as_list(value: Any) -> list[Any]:
+    if isinstance(value, str) or not isinstance(value, Sequence | np.ndarray | pd.Index):
+        return [value]
+    return list(value)
+
+
+def _rank_vs_control(
+    matrix: Any,
+    labels: np.ndarray,
+    groups: list[str],
+    var_names: pd.Index,
+    *,
+    n_genes: int,
+    method: str,
+    rankby_abs: bool,
+) -> dict[str, list[str]]:
+    """Run scanpy's rank_genes_groups of every group against the cells labelled ``_CONTROL``."""
+    obs = pd.DataFrame({"group": pd.Categorical(labels)}, index=pd.Index([str(i) for i in range(len(labels))]))
+    work = ad.AnnData(X=matrix, obs=obs, var=pd.DataFrame(index=var_names))
+    sc.tl.rank_genes_groups(
+        work,
+        "group",
+        groups=groups,
+        reference=_CONTROL,
+        method=method,
+        n_genes=n_genes,
+        rankby_abs=rankby_abs,
+        use_raw=False,
+        key_added="degs",
+    )
+    names = work.uns["degs"]["names"]
+    return {g: [str(name) for name in names[g]] for g in groups}
+
+
+def top_degs(
+    adata: ad.AnnData,
+    perturbation_key: str,
+    control: Any,
+    *,
+    n_genes: int = 50,
+    rep: str = "X",
+    groups: Any = None,
+    method: Literal["wilcoxon", "t-test", "t-test_overestim_var"] = "wilcoxon",
+    groupby_covariates: str | Sequence[str] | None = None,
+    rankby_abs: bool = True,
+) -> dict[str, list[str]]:
+    """Top differentially expressed genes of each perturbation against the control cells.
+
+    Runs :func:`scanpy.tl.rank_genes_groups` with ``reference`` set to the control cells, on a
+    private AnnData built from a copy of the relevant cells; ``adata`` is never modified.
+
+    Genes are ranked by the **absolute** test score by default (``rankby_abs=True``), so the
+    list holds the most strongly up- *and* down-regulated genes, which is what matters when
+    judging predicted responses. Pass ``rankby_abs=False`` for scanpy's default ranking
+    (largest positive score first, i.e. up-regulated genes).
+
+    Parameters
+    ----------
+    adata
+        AnnData with log-normalised expression in ``X`` or in layer ``rep``.
+    perturbation_key
+        Column of ``adata.obs`` holding the perturbation of each cell.
+    control
+        Value of ``perturbation_key`` marking control cells.
+    n_genes
+        Number of genes returned per perturbation; capped at ``adata.n_vars``.
+    rep
+        ``"X"`` or a layer name.
+    groups
+        A perturbation value or a list of them; ``None`` uses every value present other than
+        ``control``.
+    method
+        Test of :func:`scanpy.tl.rank_genes_groups`: ``"wilcoxon"``, ``"t-test"`` or
+        ``"t-test_overestim_var"`` (``"logreg"`` has no control reference and is not offered).
+    groupby_covariates
+        obs column(s), e.g. the cell type. If given, every stratum (each combination of the
+        covariate values) is tested separately, perturbed cells against the control cells of
+        the same stratum; strata without at least 2 control cells and perturbations with fewer
+        than 2 cells in a stratum are skipped with a warning.
+    rankby_abs
+        Rank by absolute score (default) or by signed score.
+
+    Returns
+    -------
+    dict mapping each perturbation (as a string) to its ``n_genes`` top genes, best first. With
+    ``groupby_covariates`` the keys are the covariate values and the perturbation joined by
+    ``"_"``, e.g. ``"B cells_stim"``.
+    """
+    if not isinstance(perturbation_key, str) or perturbation_key not in adata.obs.columns:
+        raise CellflowKeyError(
+            f"perturbation_key={perturbation_key!r} is not a column of adata.obs; valid choices: "
+            f"{format_choices(adata.obs.columns)}."
+        )
+    if method not in _DEG_METHODS:
+        raise CellflowKeyError(f"method={method!r} is not supported; valid choices: {format_choices(_DEG_METHODS)}.")
+    n_genes = min(_check_positive_int(n_genes, "n_genes"), adata.n_vars)
+    covariates = [] if groupby_covariates is None else _as_list(groupby_covariates)
+    for cov in covariates:
+        if cov not in adata.obs.columns or cov == perturbation_key:
+            raise CellflowKeyError(
+                f"groupby_covariates entry {cov!r} is not a column of adata.obs other than the perturbation_key; "
+                f"valid choices: {format_choices(c for c in adata.obs.columns if c != perturbation_key)}."
+            )
+    matrix = _gene_matrix(adata, rep)
+
+    column = adata.obs[perturbation_key]
+    present = list(pd.unique(column.dropna()))
+    is_control = (column == control).to_numpy(dtype=bool)
+    if not is_control.any():
+        raise CellflowKeyError(
+            f"control={control!r} does not occur in adata.obs[{perturbation_key!r}]; values present: "
+            f"{format_choices(present)}."
+        )
+    if groups is None:
+        chosen = [v for v in present if not (v == control)]
+        if isinstance(column.dtype, pd.CategoricalDtype):  # keep the category order
+            chosen = [v for v in column.cat.categories if v in set(chosen)]
+    else:
+        chosen = _as_list(groups)
+        missing = [g for g in chosen if not (column == g).any()]
+        if missing:
+            raise CellflowKeyError(
+                f"groups {format_choices(missing)} do not occur in adata.obs[{perturbation_key!r}]; values present: "
+                f"{format_choices(present)}."
+            )
+        if any(g == control for g in chosen):
+            raise CellflowValueError(f"groups must not include the control value {control!r}.")
+    if not chosen:
+        raise CellflowValueError(
+            f"adata.obs[{perturbation_key!r}] holds no perturbed cells besides control={control!r}."
+        )
+    names = [str(g) for g in chosen]
+    if len(set(names)) < len(names) or _CONTROL in names:
+        # labels are strings internally; keep them unique
+        raise CellflowValueError(f"perturbation values {format_choices(chosen)} are not unique as strings.")
+    group_masks = {name: (column == g).to_numpy(dtype=bool) for name, g in zip(names, chosen, strict=True)}
+
+    var_names = pd.Index(adata.var_names.astype(str))
+    if covariates:
+        strata = adata.obs[covariates].astype(str).agg("_".join, axis=1).to_numpy()
+        strata_order = list(pd.unique(adata.obs[covariates].dropna().astype(str).agg("_".join, axis=1)))
+    else:
+        strata = np.full(adata.n_obs, "", dtype=object)
+        strata_order = [""]
+
+    result: dict[str, list[str]] = {}
+    skipped: list[str] = []
+    for stratum in strata_order:
+        in_stratum = strata == stratum
+        ctrl = is_control & in_stratum
+        sizes = {name: int((mask & in_stratum).sum()) for name, mask in group_masks.items()}
+        prefix = f"{stratum}_" if covariates else ""
+        if ctrl.sum() < 2:
+            if not covariates:
+                raise CellflowValueError(f"control={control!r} has {int(ctrl.sum())} cell(s); at least 2 are needed.")
+            skipped += [f"{prefix}{name} (stratum has {int(ctrl.sum())} control cell(s))" for name, n in sizes.items() if n]
+            continue
+        small = [name for name, n in sizes.items() if 0 < n < 2]
+        if small:
+            if not covariates:
+                raise CellflowValueError(f"groups {format_choices(small)} have a single cell; at least 2 are needed.")
+            skipped += [f"{prefix}{name} (1 cell)" for name in small]
+        tested = [name for name, n in sizes.items() if n >= 2]
+        if not tested:
+            continue
+        labels = np.full(adata.n_obs, None, dtype=object)
+        labels[ctrl] = _CONTROL
+        for name in tested:
+            labels[group_masks[name] & in_stratum] = name
+        rows = np.flatnonzero(pd.notna(labels))
+        ranked = _rank_vs_control(
+            matrix[rows],  # fancy indexing copies: adata is never touched
+            labels[rows].astype(str),
+            tested,
+            var_names,
+            n_genes=n_genes,
+            method=method,
+            rankby_abs=rankby_abs,
+        )
+        result.update({f"{prefix}{name}": genes for name, genes in ranked.items()})
+    if skipped:
+        warnings.warn(
+            f"top_degs skipped {len(skipped)} perturbation/stratum pair(s) with too few cells: {format_choices(skipped)}.",
+            UserWarning,
+            stacklevel=2,
+        )
+    return result
