@@ -288,7 +288,7 @@ class ResponseModel:
             obs = base_obs.copy()
             obs[self.perturbation_key] = condition.label if not condition.is_control else self.control
             if self.spec_.dose_key is not None:
-                obs[self.spec_.dose_key] = condition.dose_label if not condition.is_control else format_dose(0.0)
+                obs[self.spec_.dose_key] = self._dose_value(condition)
             obs.index = [f"{name}-{label}" for name in names]
             frames.append(obs)
         obs = pd.concat(frames)
@@ -303,6 +303,13 @@ class ResponseModel:
             out = ad.AnnData(obs=obs, obsm={rep: prediction})
         out.uns["cellflow"] = {"method": self.method, "rep": rep}
         return out
+
+    def _dose_value(self, condition) -> float | str:
+        """The dose as the training data wrote it: a number for numeric columns where possible."""
+        doses = set(condition.doses) or {0.0}
+        if self.spec_.numeric_dose and len(doses) == 1:
+            return float(doses.pop())
+        return condition.dose_label if not condition.is_control else format_dose(0.0)
 
     def _var(self) -> pd.DataFrame:
         names = self.spec_.feature_names or tuple(str(i) for i in range(self.spec_.n_features))

@@ -74,6 +74,8 @@ class DataSpec:
     pools
         One row per control pool: one column per covariate key and ``n_cells``; the last row
         is the pool of all controls (covariate values ``ALL_CONTROLS``).
+    numeric_dose
+        Whether the dose column was numeric (predictions then report numeric doses).
     """
 
     rep: str
@@ -88,6 +90,7 @@ class DataSpec:
     covariate_values: dict[str, tuple[str, ...]]
     groups: pd.DataFrame = field(repr=False)
     pools: pd.DataFrame = field(repr=False)
+    numeric_dose: bool = False
 
     @property
     def group_conditions(self) -> list[Condition]:
@@ -116,6 +119,7 @@ class DataSpec:
             "covariate_values": {k: list(v) for k, v in self.covariate_values.items()},
             "groups": self.groups.to_dict(orient="list"),
             "pools": self.pools.to_dict(orient="list"),
+            "numeric_dose": self.numeric_dose,
         }
         return json.dumps(payload)
 
@@ -135,6 +139,7 @@ class DataSpec:
             covariate_values={k: tuple(v) for k, v in p["covariate_values"].items()},
             groups=pd.DataFrame(p["groups"]),
             pools=pd.DataFrame(p["pools"]),
+            numeric_dose=bool(p.get("numeric_dose", False)),
         )
 
 
@@ -282,6 +287,7 @@ def prepare(
         covariate_values={k: tuple(sorted(set(v))) for k, v in covariates.items()},
         groups=groups,
         pools=pools,
+        numeric_dose=dose_key is not None and pd.api.types.is_numeric_dtype(adata.obs[dose_key]),
     )
     return PerturbationData(spec=spec, cells=cells, group_index=group_index, pool_index=pool_index)
 
