@@ -9,7 +9,7 @@
 
 __version__ = "0.1.0"
 
-from cellflow import data, datasets, methods, metrics, pp, solvers  # noqa: E402
+from cellflow import data, datasets, methods, metrics, pl, pp, solvers  # noqa: E402
 from cellflow._errors import CellflowKeyError, CellflowValueError  # noqa: E402
 from cellflow.model import ResponseModel  # noqa: E402
 
@@ -21,6 +21,7 @@ __all__ = [
     "datasets",
     "methods",
     "metrics",
+    "pl",
     "pp",
     "solvers",
     "__version__",
