@@ -24,7 +24,7 @@ import scipy.sparse as sp
 from cellflow._errors import CellflowKeyError, CellflowValueError, format_choices
 from cellflow.data._representation import get_representation
 
-__all__ = ["log_normalize", "pca", "decode", "decode_adata", "top_degs"]
+__all__ = ["log_normalize", "pca", "decode", "decode_adata", "top_degs", "standardize_to_control"]
 
 _DEG_METHODS = ("wilcoxon", "t-test", "t-test_overestim_var")
 _CONTROL = "__cellflow_control__"  # internal label of control cells in top_degs
@@ -568,3 +568,61 @@ def top_degs(
             stacklevel=2,
         )
     return result
+
+
+# --------------------------------------------------------------------------------------------
+# scaling against control cells
+# --------------------------------------------------------------------------------------------
+def standardize_to_control(
+    adata: ad.AnnData,
+    perturbation_key: str,
+    control: Any,
+    *,
+    rep: str = "X",
+    min_std: float = 1e-6,
+) -> ad.AnnData:
+    """Z-score every feature against the control cells, dropping features constant in controls.
+
+    ``x' = (x - mean_control) / std_control``, feature by feature, so that a unit means "one
+    standard deviation of untreated variation" in every feature (CellProfiler and other
+    image features come in wildly different units). For plate-wise normalisation of screens,
+    apply it per plate.
+
+    Parameters
+    ----------
+    adata
+        The AnnData; not modified.
+    perturbation_key
+        ``obs`` column marking control cells.
+    control
+        Value of ``perturbation_key`` for control cells.
+    rep
+        ``"X"`` or a layer to scale.
+    min_std
+        Features whose control standard deviation is at most this are dropped.
+
+    Returns
+    -------
+    A new AnnData with the scaled features in ``X`` (float32) and the kept features only; the
+    control means and standard deviations are stored in ``var["control_mean"]`` and
+    ``var["control_std"]``.
+    """
+    if perturbation_key not in adata.obs.columns:
+        raise CellflowKeyError(
+            f"perturbation_key={perturbation_key!r} is not a column of adata.obs; valid choices: "
+            f"{format_choices(adata.obs.columns)}."
+        )
+    is_control = (adata.obs[perturbation_key].astype(str) == str(control)).to_numpy()
+    if is_control.sum() < 2:
+        raise CellflowValueError(
+            f"control={control!r} marks {int(is_control.sum())} cell(s) in adata.obs[{perturbation_key!r}]; at least 2 "
+            f"are needed. Values present: {format_choices(sorted(adata.obs[perturbation_key].astype(str).unique()))}."
+        )
+    values = get_representation(adata, rep, dtype=np.float64)
+    mean = values[is_control].mean(axis=0)
+    std = values[is_control].std(axis=0)
+    keep = std > min_std
+    scaled = ((values[:, keep] - mean[keep]) / std[keep]).astype(np.float32)
+    var = adata.var.iloc[np.flatnonzero(keep)].copy()
+    var["control_mean"], var["control_std"] = mean[keep], std[keep]
+    return ad.AnnData(X=scaled, obs=adata.obs.copy(), var=var)

@@ -82,10 +82,7 @@ def scgen_cd4t(data: Path) -> Task:
 
 def bbbc021_dose(data: Path) -> Task:
     adata = cf.datasets.read(data / "bbbc021_per_well_mean_cytominergallery.h5ad")
-    dmso = adata[adata.obs.compound == "DMSO"].X
-    keep = dmso.std(0) > 1e-6
-    adata = adata[:, keep].copy()
-    adata.X = ((adata.X - dmso[:, keep].mean(0)) / dmso[:, keep].std(0)).astype(np.float32)
+    adata = cf.pp.standardize_to_control(adata, "compound", "DMSO")
     n_doses = adata.obs.groupby("compound", observed=True)["concentration"].nunique()
     at_one = set(adata.obs.compound[adata.obs.concentration == 1.0])
     held = sorted(c for c, n in n_doses.items() if n >= 3 and c in at_one and c != "DMSO")

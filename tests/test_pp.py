@@ -437,3 +437,19 @@ def test_top_degs_kang_scgen_by_cell_type():
     present = [g for g in IFN_GENES if g in adata.var_names]
     assert present
     assert set(present) & set(degs["CD4T_stimulated"])
+
+
+def test_standardize_to_control_hand_computed():
+    import anndata as ad
+
+    x = np.array([[1.0, 5.0, 2.0], [3.0, 5.0, 4.0], [10.0, 5.0, 0.0]], dtype=np.float32)
+    adata = ad.AnnData(X=x, obs={"drug": ["DMSO", "DMSO", "taxol"]})
+    before = adata.X.copy()
+    out = pp.standardize_to_control(adata, "drug", "DMSO")
+    # feature 1 is constant in controls and dropped; control mean (2, 3), std (1, 1)
+    np.testing.assert_allclose(out.X, [[-1.0, -1.0], [1.0, 1.0], [8.0, -3.0]])
+    assert list(out.var_names) == ["0", "2"]
+    np.testing.assert_allclose(out.var["control_mean"], [2.0, 3.0])
+    np.testing.assert_array_equal(adata.X, before)
+    with pytest.raises(CellflowValueError, match=r"control='ctrl'.*'DMSO'"):
+        pp.standardize_to_control(adata, "drug", "ctrl")

@@ -105,11 +105,7 @@ def test_scgen_kang_stimulated_cd4t_held_out():
 def test_bbbc021_held_out_dose():
     adata = cf.datasets.read(shared_file("bbbc021_per_well_mean_cytominergallery.h5ad"))
     assert adata.shape == (632, 516) and (adata.obs.compound == "DMSO").sum() == 330
-    # standardise features on the DMSO wells (plate-wise normalisation is cf.pp's job elsewhere)
-    dmso = adata[adata.obs.compound == "DMSO"].X
-    keep = dmso.std(0) > 1e-6
-    adata = adata[:, keep].copy()
-    adata.X = ((adata.X - dmso[:, keep].mean(0)) / dmso[:, keep].std(0)).astype(np.float32)
+    adata = cf.pp.standardize_to_control(adata, "compound", "DMSO")
 
     n_doses = adata.obs.groupby("compound", observed=True)["concentration"].nunique()
     at_one = set(adata.obs.compound[adata.obs.concentration == 1.0])
