@@ -9,7 +9,7 @@
 
 __version__ = "0.1.0"
 
-from cellflow import data, datasets, methods, metrics, pl, pp, solvers  # noqa: E402
+from cellflow import data, datasets, methods, metrics, nn, pl, pp, solvers, train  # noqa: E402
 from cellflow._errors import CellflowKeyError, CellflowValueError  # noqa: E402
 from cellflow.model import ResponseModel  # noqa: E402
 
@@ -21,7 +21,9 @@ __all__ = [
     "datasets",
     "methods",
     "metrics",
+    "nn",
     "pl",
+    "train",
     "pp",
     "solvers",
     "__version__",

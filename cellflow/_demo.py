@@ -38,6 +38,8 @@ def run_demo(
     n_control: int = 400,
     n_cells: int = 150,
     methods: tuple[str, ...] | None = None,
+    method_options: dict[str, dict] | None = None,
+    steps: int | None = None,
     plot: bool = True,
     verbose: bool = True,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -61,6 +63,10 @@ def run_demo(
         Cells per patient for controls and for each treated condition.
     methods
         Methods to compare; default: identity, mean_shift and the best available method.
+    method_options
+        ``{method: {option: value}}`` passed to :class:`ResponseModel`.
+    steps
+        Training steps of learned methods (their default when ``None``).
     plot
         Write the figure.
     verbose
@@ -92,8 +98,9 @@ def run_demo(
     for method in methods:
         start = time.perf_counter()
         models[method] = ResponseModel(
-            split.train, rep="X", dose_key="dose", covariate_keys=("patient",), method=method
-        ).fit(seed=seed, progress=verbose)
+            split.train, rep="X", dose_key="dose", covariate_keys=("patient",), method=method,
+            **(method_options or {}).get(method, {}),
+        ).fit(steps=steps, seed=seed, progress=verbose)
         say(f"fitted {method:<14s} in {time.perf_counter() - start:6.1f} s")
 
     groups = keys[test.obs["condition"].astype(str) != "control"].drop_duplicates().itertuples(index=False)

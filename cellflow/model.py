@@ -129,7 +129,12 @@ class ResponseModel:
 
     # -- fit ----------------------------------------------------------------------------------
     def fit(
-        self, steps: int | None = None, batch_size: int | None = None, seed: int = 0, progress: bool = True
+        self,
+        steps: int | None = None,
+        batch_size: int | None = None,
+        seed: int = 0,
+        progress: bool = True,
+        resume: bool = False,
     ) -> ResponseModel:
         """Fit the method on the training data and return ``self``.
 
@@ -144,6 +149,9 @@ class ResponseModel:
             Seed of all randomness in training.
         progress
             Show a progress bar.
+        resume
+            Continue from the latest training checkpoint in the ``checkpoint_dir`` option
+            (learned methods); the result equals an uninterrupted run.
         """
         if self._data is None:
             raise CellflowValueError(
@@ -160,7 +168,9 @@ class ResponseModel:
             batch_size=batch_size,
             seed=int(seed),
             progress=progress,
+            resume=resume,
         )
+        self.history_ = self._method.history(self.state_)
         return self
 
     # -- predict ------------------------------------------------------------------------------
@@ -384,6 +394,6 @@ class ResponseModel:
             tuple(config["embeddings"]["names"]), np.load(path / _EMBEDDINGS_FILE), config["embeddings"]["one_hot"]
         )
         with np.load(path / _STATE_FILE) as arrays:
-            model.state_ = model._method.state_from_arrays(dict(arrays), model.spec_, model.options)
+            model.state_ = model._method.state_from_arrays(dict(arrays), model.spec_, model.options, model.embeddings_)
         model.history_ = pd.DataFrame(config.get("history", {}))
         return model

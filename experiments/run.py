@@ -11,8 +11,8 @@ Tasks (see ../shared/data/README.md for provenance):
   1 uM treatments of compounds with at least three doses; predict them from DMSO wells.
 
     python experiments/run.py [--tasks kang_patient scgen_cd4t bbbc021_dose]
-                              [--methods identity mean_shift gaussian_ot] [--seeds 0 1 2]
-                              [--data ../shared/data] [--out results.csv]
+                              [--methods identity mean_shift gaussian_ot flow_matching] [--seeds 0 1 2]
+                              [--steps N] [--option key=value ...] [--data ../shared/data] [--out results.csv]
 
 Prints a table per task and, at the end, one JSON object with every figure.
 """
@@ -123,14 +123,20 @@ def score_case(task: Task, pred: ad.AnnData, case: dict) -> dict:
     return row
 
 
-def run(tasks, methods, seeds, data: Path) -> pd.DataFrame:
+BASELINES = ("identity", "mean_shift", "gaussian_ot")
+
+
+def run(tasks, methods, seeds, data: Path, options: dict | None = None, steps: int | None = None) -> pd.DataFrame:
+    """Fit every method on every task and seed; ``options`` and ``steps`` go to learned methods."""
     rows = []
     for name in tasks:
         task = TASKS[name](data)
         for method in methods:
             for seed in seeds:
                 start = time.perf_counter()
-                model = cf.ResponseModel(task.train, method=method, **task.model_args).fit(seed=seed, progress=False)
+                extra = {} if method in BASELINES else (options or {})
+                model = cf.ResponseModel(task.train, method=method, **task.model_args, **extra)
+                model.fit(steps=None if method in BASELINES else steps, seed=seed, progress=False)
                 fit_seconds = time.perf_counter() - start
                 for case in task.cases:
                     pred = model.predict(case["source"], case["perturbation"], dose=case["dose"], seed=seed)
@@ -148,8 +154,12 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--out", type=Path, default=None, help="CSV of per-condition results")
+    parser.add_argument("--steps", type=int, default=None, help="training steps of learned methods")
+    parser.add_argument("--option", action="append", help="option key=value of the learned methods")
     args = parser.parse_args()
-    results = run(args.tasks, args.methods, args.seeds, args.data)
+    from cellflow.cli import _key_values
+
+    results = run(args.tasks, args.methods, args.seeds, args.data, _key_values(args.option, "--option"), args.steps)
     if args.out:
         results.to_csv(args.out, index=False)
     metrics = [c for c in ("energy_distance", "mmd", "r2_delta", "r2_delta_top50_degs") if c in results]

@@ -5,13 +5,14 @@ from __future__ import annotations
 from cellflow._errors import CellflowKeyError, format_choices
 from cellflow.methods._base import Method, Option
 from cellflow.methods._baselines import GaussianOT, Identity, MeanShift
+from cellflow.methods._flow_matching import FlowMatching
 
 __all__ = ["Method", "Option", "METHODS", "PLANNED_METHODS", "get_method", "register_method"]
 
 METHODS: dict[str, Method] = {}
 
 # Part of the public API contract, not yet implemented in this release.
-PLANNED_METHODS = ("flow_matching", "schrodinger_bridge", "neural_ot", "diffusion")
+PLANNED_METHODS = ("schrodinger_bridge", "neural_ot", "diffusion")
 
 
 def register_method(method: Method) -> Method:
@@ -32,5 +33,5 @@ def get_method(name: str) -> Method:
     raise CellflowKeyError(f"method={name!r} is unknown; valid choices: {format_choices(METHODS)}.")
 
 
-for _method in (Identity(), MeanShift(), GaussianOT()):
+for _method in (Identity(), MeanShift(), GaussianOT(), FlowMatching()):
     register_method(_method)

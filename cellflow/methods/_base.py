@@ -8,12 +8,14 @@ metadata, never an AnnData, and the facade never looks inside its state.
 from __future__ import annotations
 
 import abc
+import difflib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import jax
 import numpy as np
+import pandas as pd
 
 from cellflow._errors import CellflowKeyError, CellflowValueError, format_choices
 from cellflow.data import Condition, DataSpec, EmbeddingTable, PerturbationData
@@ -52,9 +54,11 @@ class Method(abc.ABC):
         """Defaults updated with ``given``; unknown names and invalid values raise."""
         unknown = [k for k in given if k not in self.options]
         if unknown:
+            close = difflib.get_close_matches(unknown[0], list(self.options), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
             raise CellflowKeyError(
-                f"option {unknown[0]!r} is not an option of method {self.name!r}; valid options: "
-                f"{format_choices(sorted(self.options)) if self.options else '[] (this method takes none)'}."
+                f"option {unknown[0]!r} is not an option of method {self.name!r};{hint} valid options: "
+                f"{format_choices(sorted(self.options), limit=100) if self.options else '[] (this method takes none)'}."
             )
         resolved = {name: option.default for name, option in self.options.items()}
         for name, value in given.items():
@@ -75,8 +79,9 @@ class Method(abc.ABC):
         batch_size: int | None,
         seed: int,
         progress: bool,
+        resume: bool = False,
     ) -> Any:
-        """Return the fitted state (a PyTree of arrays)."""
+        """Return the fitted state (a PyTree of arrays); ``resume`` continues from a checkpoint."""
 
     @abc.abstractmethod
     def predict(
@@ -97,5 +102,11 @@ class Method(abc.ABC):
         """Flatten a state into named numpy arrays for saving."""
 
     @abc.abstractmethod
-    def state_from_arrays(self, arrays: Mapping[str, np.ndarray], spec: DataSpec, options: Mapping[str, Any]) -> Any:
+    def state_from_arrays(
+        self, arrays: Mapping[str, np.ndarray], spec: DataSpec, options: Mapping[str, Any], embeddings: EmbeddingTable
+    ) -> Any:
         """Inverse of :meth:`state_to_arrays`."""
+
+    def history(self, state: Any) -> pd.DataFrame:
+        """Training curve of a fitted state (empty for closed-form methods)."""
+        return pd.DataFrame()

@@ -21,7 +21,7 @@ class Identity(Method):
     name = "identity"
     summary = "returns the source cells"
 
-    def fit(self, data, embeddings, options, *, steps, batch_size, seed, progress) -> dict:
+    def fit(self, data, embeddings, options, *, steps, batch_size, seed, progress, resume=False) -> dict:
         return {}
 
     def predict(self, state, spec, embeddings, options, source, condition, covariates, key) -> np.ndarray:
@@ -30,7 +30,7 @@ class Identity(Method):
     def state_to_arrays(self, state) -> dict[str, np.ndarray]:
         return {}
 
-    def state_from_arrays(self, arrays, spec, options) -> dict:
+    def state_from_arrays(self, arrays, spec, options, embeddings) -> dict:
         return {}
 
 
@@ -42,7 +42,7 @@ class _AffineBaseline(Method):
     def _fit_response(self, moments: baselines.GroupMoments) -> baselines.AffineResponse:
         raise NotImplementedError
 
-    def fit(self, data: PerturbationData, embeddings, options, *, steps, batch_size, seed, progress):
+    def fit(self, data: PerturbationData, embeddings, options, *, steps, batch_size, seed, progress, resume=False):
         pools = [data.cells[index] for index in data.pool_index]
         sources = [pools[p] for p in data.spec.groups["pool"]]
         targets = [data.cells[index] for index in data.group_index]
@@ -71,7 +71,7 @@ class _AffineBaseline(Method):
             arrays["linear"] = np.asarray(state.linear)
         return arrays
 
-    def state_from_arrays(self, arrays, spec, options) -> baselines.AffineResponse:
+    def state_from_arrays(self, arrays, spec, options, embeddings) -> baselines.AffineResponse:
         return baselines.AffineResponse(offset=arrays["offset"], linear=arrays.get("linear"))
 
 

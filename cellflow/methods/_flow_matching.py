@@ -1,0 +1,266 @@
+"""``method="flow_matching"``: conditional OT flow matching through the method contract."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+from flax import nnx
+
+from cellflow.data import (
+    Condition,
+    DataSpec,
+    EmbeddingTable,
+    PerturbationData,
+    build_training_arrays,
+    encode_condition,
+)
+from cellflow.methods._base import Method, Option
+from cellflow.nn import ResponseField
+from cellflow.solvers import flow_matching as fm
+from cellflow.train import make_optimizer, run_training
+
+__all__ = ["FlowMatching", "FlowMatchingState"]
+
+_SOLVERS = ("euler", "heun", "midpoint", "tsit5", "dopri5")
+
+
+class FlowMatchingState(NamedTuple):
+    """A fitted flow-matching model: the graph definition, EMA parameters, training history."""
+
+    graphdef: Any
+    params: Any
+    history: pd.DataFrame
+
+
+def _positive_int(value):
+    return None if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value > 0 else "expected a positive integer."
+
+
+def _non_negative(value):
+    return None if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0 else "expected a number >= 0."
+
+
+def _fraction(value):
+    return None if isinstance(value, (int, float)) and 0 <= value < 1 else "expected a number in [0, 1)."
+
+
+def _unit_interval(value):
+    return None if isinstance(value, (int, float)) and 0 < value <= 1 else "expected a number in (0, 1]."
+
+
+def _one_of(*choices):
+    return lambda value: None if value in choices else f"valid choices: {list(choices)}."
+
+
+def _optional_path(value):
+    return None if value is None or isinstance(value, str) else "expected a directory path (str) or None."
+
+
+class FlowMatching(Method):
+    """Conditional optimal-transport flow matching (the flagship).
+
+    Minibatch OT couplings inside each condition, a velocity field that adds one learned member
+    field per perturbation of a combination plus an interaction field, covariate embeddings with
+    an "unknown" slot for unseen values, and a DeepSets summary of the source population. See
+    :mod:`cellflow.solvers.flow_matching` and :mod:`cellflow.nn.response`.
+
+    Defaults are chosen for 10-100-dimensional embeddings (PCA, image features): 2,000 steps of
+    8 conditions x 128 cells, width 128, depth 3, learning rate 1e-3 with warm-up and cosine
+    decay, Sinkhorn epsilon 0.01 of the mean cost, EMA 0.999, Heun with 16 steps to predict.
+    About two minutes on two CPU cores; the cost per step does not grow with the number of
+    cells, so larger data sets need more steps rather than more time per step.
+    """
+
+    name = "flow_matching"
+    summary = "conditional OT flow matching (additive member fields, population encoder)"
+    default_steps = 2000
+    options = {
+        "width": Option(128, "hidden width of the velocity fields", _positive_int),
+        "depth": Option(3, "residual blocks of the member field", _positive_int),
+        "token_dim": Option(64, "size of a combination member's token", _positive_int),
+        "context_dim": Option(64, "size of the covariate/population context", _positive_int),
+        "population_encoder": Option(True, "summarise the source population (DeepSets)", _one_of(True, False)),
+        "pooling": Option("mean", "pooling of member tokens: 'mean' or 'attention'", _one_of("mean", "attention")),
+        "conditioning": Option("film", "how conditions enter the fields: 'film' or 'concatenation'", _one_of("film", "concatenation")),
+        "dropout": Option(0.0, "dropout in the fields and on the population summary", _fraction),
+        "learning_rate": Option(1e-3, "peak learning rate (AdamW, warm-up, cosine decay)", _non_negative),
+        "weight_decay": Option(0.0, "AdamW weight decay", _non_negative),
+        "warmup": Option(200, "warm-up steps", _non_negative),
+        "conditions_per_step": Option(8, "treated groups per training step", _positive_int),
+        "coupling": Option("ot", "'ot' (minibatch Sinkhorn) or 'independent'", _one_of("ot", "independent")),
+        "epsilon": Option(0.01, "Sinkhorn regularisation relative to the mean cost", _non_negative),
+        "tau_a": Option(1.0, "source unbalancedness (1 = balanced)", _unit_interval),
+        "tau_b": Option(1.0, "target unbalancedness (1 = balanced)", _unit_interval),
+        "path": Option("straight", "'straight' or 'brownian' probability path", _one_of("straight", "brownian")),
+        "sigma": Option(0.0, "noise of the probability path", _non_negative),
+        "ema_decay": Option(0.999, "EMA decay of the weights used to predict", _fraction),
+        "covariate_dropout": Option(0.1, "probability of hiding a covariate value in training", _fraction),
+        "group_weighting": Option("uniform", "draw groups 'uniform'ly or by 'size'", _one_of("uniform", "size")),
+        "solver": Option("heun", f"ODE solver: one of {list(_SOLVERS)}", _one_of(*_SOLVERS)),
+        "n_steps": Option(16, "ODE steps of fixed-step solvers", _positive_int),
+        "population_size": Option(256, "source cells summarised at prediction time", _positive_int),
+        "validation_fraction": Option(0.0, "share of each group's cells held out for early stopping", _fraction),
+        "eval_every": Option(500, "steps between validation evaluations", _positive_int),
+        "patience": Option(5, "evaluations without improvement before stopping", _positive_int),
+        "chunk": Option(100, "steps per jitted dispatch", _positive_int),
+        "checkpoint_dir": Option(None, "directory of orbax training checkpoints", _optional_path),
+        "checkpoint_every": Option(1000, "steps between checkpoints", _positive_int),
+    }
+
+    # -- construction -------------------------------------------------------------------------
+    def _config(self, options: Mapping[str, Any], batch_size: int) -> fm.FlowMatchingConfig:
+        return fm.FlowMatchingConfig(
+            batch_size=batch_size,
+            conditions_per_step=options["conditions_per_step"],
+            coupling=options["coupling"],
+            epsilon=float(options["epsilon"]),
+            tau_a=float(options["tau_a"]),
+            tau_b=float(options["tau_b"]),
+            path=options["path"],
+            sigma=float(options["sigma"]),
+            ema_decay=float(options["ema_decay"]),
+            covariate_dropout=float(options["covariate_dropout"]),
+            population_size=options["population_size"],
+        )
+
+    def build(self, spec: DataSpec, embedding_dim: int, options: Mapping[str, Any], seed: int = 0) -> ResponseField:
+        """The untrained module for data described by ``spec``."""
+        return ResponseField(
+            spec.n_features,
+            embedding_dim,
+            tuple(len(v) for v in spec.covariate_values.values()),
+            width=options["width"],
+            depth=options["depth"],
+            token_dim=options["token_dim"],
+            context_dim=options["context_dim"],
+            population=options["population_encoder"],
+            pooling=options["pooling"],
+            film=options["conditioning"] == "film",
+            dropout_rate=float(options["dropout"]),
+            rngs=nnx.Rngs(seed),
+        )
+
+    # -- fit ----------------------------------------------------------------------------------
+    def fit(self, data: PerturbationData, embeddings: EmbeddingTable, options, *, steps, batch_size, seed, progress, resume=False):
+        steps = steps or self.default_steps
+        batch_size = batch_size or 128
+        config = self._config(options, batch_size)
+        rng = np.random.default_rng(seed)
+        train_data, validation = data, None
+        if options["validation_fraction"] > 0:
+            train_data, validation = _split_validation(data, options["validation_fraction"], rng)
+        arrays = build_training_arrays(train_data, embeddings, group_weighting=options["group_weighting"])
+        key = jax.random.key(seed)
+        model = self.build(data.spec, embeddings.dim, options, seed)
+        optimizer = make_optimizer(options["learning_rate"], steps, warmup=options["warmup"], weight_decay=options["weight_decay"])
+        graphdef, state = fm.init_state(model, optimizer, key)
+        train_chunk = fm.make_train_chunk(graphdef, optimizer, arrays, config, options["chunk"])
+        evaluate = None
+        if validation is not None:
+            evaluate = _validation_scorer(graphdef, validation, embeddings, data.spec, batch_size, rng)
+        result = run_training(
+            train_chunk,
+            state,
+            steps,
+            options["chunk"],
+            evaluate=evaluate,
+            eval_every=options["eval_every"],
+            patience=options["patience"],
+            checkpoint_dir=options["checkpoint_dir"],
+            checkpoint_every=options["checkpoint_every"],
+            resume=resume,
+            progress=progress,
+            description="flow matching",
+        )
+        return FlowMatchingState(graphdef, result.best_ema, result.history)
+
+    def history(self, state: FlowMatchingState) -> pd.DataFrame:
+        return state.history
+
+    # -- predict ------------------------------------------------------------------------------
+    def predict(self, state, spec, embeddings, options, source, condition: Condition, covariates, key) -> np.ndarray:
+        # The fields are shared across members, so combinations larger than any seen in training
+        # (e.g. pairs after training on single drugs) only need wider padding.
+        arrays = encode_condition(
+            condition, _known_covariates(spec, covariates), embeddings, spec.covariate_values,
+            max(spec.max_members, len(condition)),
+        )
+        n = source.shape[0]
+        population = source[np.asarray(jax.random.randint(key, (options["population_size"],), 0, n))]
+        padded = _bucket(n)
+        x = np.zeros((padded, source.shape[1]), np.float32)
+        x[:n] = source
+        y = fm.push(
+            state.graphdef,
+            state.params,
+            jnp.asarray(x),
+            jax.tree.map(jnp.asarray, arrays),
+            jnp.asarray(population),
+            solver=options["solver"],
+            n_steps=options["n_steps"],
+        )
+        return np.asarray(y[:n])
+
+    # -- persistence --------------------------------------------------------------------------
+    def state_to_arrays(self, state: FlowMatchingState) -> dict[str, np.ndarray]:
+        leaves, _ = jax.tree_util.tree_flatten_with_path(state.params)
+        return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
+
+    def state_from_arrays(self, arrays, spec, options, embeddings) -> FlowMatchingState:
+        graphdef, template = nnx.split(self.build(spec, embeddings.dim, options))
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
+        params = jax.tree_util.tree_unflatten(treedef, [jnp.asarray(arrays[jax.tree_util.keystr(p)]) for p, _ in leaves])
+        return FlowMatchingState(graphdef, params, pd.DataFrame())
+
+
+def _bucket(n: int) -> int:
+    """Pad cell counts to powers of two (>= 256) so that predictions reuse compiled code."""
+    return max(256, 1 << (int(n) - 1).bit_length())
+
+
+def _known_covariates(spec: DataSpec, covariates: tuple[str | None, ...]) -> tuple[str | None, ...]:
+    """Covariate values never seen with treated cells are unknown to the model (a new patient)."""
+    known = [set(spec.groups[key]) for key in spec.covariate_keys]
+    return tuple(v if v in k else None for v, k in zip(covariates, known))
+
+
+def _split_validation(data: PerturbationData, fraction: float, rng: np.random.Generator):
+    """Hold out ``fraction`` of each group's treated cells (groups keep at least 2 training cells)."""
+    train, held = [], []
+    for index in data.group_index:
+        shuffled = rng.permutation(index)
+        n_val = min(int(round(fraction * len(index))), max(len(index) - 2, 0))
+        held.append(shuffled[:n_val])
+        train.append(shuffled[n_val:])
+    return dataclasses.replace(data, group_index=tuple(train)), dataclasses.replace(data, group_index=tuple(held))
+
+
+def _validation_scorer(graphdef, validation: PerturbationData, embeddings, spec, batch_size, rng, max_groups: int = 32):
+    """``ema -> mean energy distance`` over up to ``max_groups`` held-out groups (one jitted call)."""
+    groups = [g for g, index in enumerate(validation.group_index) if len(index) >= 2]
+    groups = sorted(rng.choice(groups, size=min(max_groups, len(groups)), replace=False).tolist()) if groups else []
+    if not groups:
+        return None
+    sources = np.stack([validation.source_cells(g)[rng.integers(0, len(validation.source_cells(g)), batch_size)] for g in groups])
+    targets = np.stack([validation.target_cells(g)[rng.integers(0, len(validation.group_index[g]), batch_size)] for g in groups])
+    encoded = [
+        encode_condition(c, cov, embeddings, spec.covariate_values, spec.max_members)
+        for c, cov in zip(spec.group_conditions, spec.group_covariates)
+    ]
+    conditions = jax.tree.map(lambda *leaves: jnp.asarray(np.stack(leaves)), *[encoded[g] for g in groups])
+
+    @jax.jit
+    def score(params, sources, targets, conditions):
+        def one(source, target, condition):
+            prediction = fm.integrate(graphdef, params, source, condition, source, "euler", 8)
+            return fm.energy_distance(prediction, target)
+
+        return jnp.mean(jax.vmap(one)(sources, targets, conditions))
+
+    return lambda params: score(params, jnp.asarray(sources), jnp.asarray(targets), conditions)

@@ -1,0 +1,109 @@
+"""The host-side loop: runs jitted chunks of ``lax.scan``-ned steps, logs, evaluates, checkpoints.
+
+Each chunk is one dispatch of ``chunk`` training steps with no host synchronisation inside;
+the host only reads the chunk's losses to update the progress bar and history.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from cellflow.train._checkpoint import latest_checkpoint, restore_checkpoint, save_checkpoint
+from cellflow.train._state import TrainState
+
+__all__ = ["LoopResult", "run_training"]
+
+
+@dataclass
+class LoopResult:
+    """Outcome of :func:`run_training`.
+
+    Attributes
+    ----------
+    state
+        Final training state.
+    best_ema
+        EMA parameters at the best validation score (the final EMA without validation).
+    history
+        One row per chunk: ``step``, ``loss`` (mean over the chunk), and ``val_*`` columns.
+    stopped_early
+        Whether early stopping ended training.
+    """
+
+    state: TrainState
+    best_ema: Any
+    history: pd.DataFrame = field(default_factory=pd.DataFrame)
+    stopped_early: bool = False
+
+
+def run_training(
+    train_chunk: Callable[[TrainState], tuple[TrainState, dict[str, jax.Array]]],
+    state: TrainState,
+    steps: int,
+    chunk: int,
+    *,
+    evaluate: Callable[[Any], float] | None = None,
+    eval_every: int = 500,
+    patience: int = 5,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 1000,
+    resume: bool = False,
+    progress: bool = True,
+    description: str = "training",
+) -> LoopResult:
+    """Run ``steps`` training steps in jitted chunks of ``chunk`` steps.
+
+    Parameters
+    ----------
+    train_chunk
+        Jitted ``state -> (state, metrics)`` running ``chunk`` steps; ``metrics["loss"]`` has
+        shape ``(chunk,)``.
+    state
+        Initial state (replaced by the latest checkpoint when ``resume``).
+    steps
+        Total number of steps (a multiple of ``chunk`` is run: ``ceil(steps / chunk)`` chunks).
+    evaluate
+        ``ema_params -> score`` (lower is better), run every ``eval_every`` steps; the best EMA
+        is kept and training stops after ``patience`` evaluations without improvement.
+    checkpoint_dir, checkpoint_every, resume
+        Save the state every ``checkpoint_every`` steps with orbax; ``resume`` restarts from the
+        latest checkpoint in ``checkpoint_dir``.
+    """
+    history: list[dict] = []
+    if resume and checkpoint_dir is not None and latest_checkpoint(checkpoint_dir) is not None:
+        state, history = restore_checkpoint(checkpoint_dir, state)
+    start = int(state.step)
+    n_chunks = -(-steps // chunk)
+    best_score, best_ema, waited, stopped = np.inf, state.ema, 0, False
+    bar = tqdm(total=n_chunks * chunk, initial=min(start, n_chunks * chunk), desc=description, disable=not progress, unit="step")
+    while int(state.step) < n_chunks * chunk:
+        state, metrics = train_chunk(state)
+        step = int(state.step)
+        row = {"step": step, **{k: float(np.mean(v)) for k, v in metrics.items()}}
+        if evaluate is not None and (step % eval_every < chunk or step >= n_chunks * chunk):
+            score = float(evaluate(state.ema))
+            row["val_energy_distance"] = score
+            if score < best_score:
+                best_score, best_ema, waited = score, state.ema, 0
+            else:
+                waited += 1
+        history.append(row)
+        bar.update(chunk)
+        bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k != "step"})
+        if checkpoint_dir is not None and (step % checkpoint_every < chunk or step >= n_chunks * chunk):
+            save_checkpoint(checkpoint_dir, state, history)
+        if evaluate is not None and waited >= patience:
+            stopped = True
+            break
+    bar.close()
+    if evaluate is None:
+        best_ema = state.ema
+    return LoopResult(state, best_ema, pd.DataFrame(history), stopped)

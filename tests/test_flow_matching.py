@@ -1,0 +1,141 @@
+"""Flow matching: coupling, learning a known map, determinism, save/load, resume, validation."""
+
+import anndata as ad
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import cellflow as cf
+from cellflow.solvers import flow_matching as fm
+
+SMALL = dict(width=64, depth=2, token_dim=16, context_dim=16, conditions_per_step=2, chunk=50, warmup=20)
+
+
+def shift_data(n=300, seed=0):
+    """control ~ N(0, I) in 2-d; drug A moves cells by (+3, 0), drug B by (0, -2) scaled by |x_0|."""
+    rng = np.random.default_rng(seed)
+    blocks, labels = [], []
+    for label in ("control", "A", "B"):
+        x = rng.normal(size=(n, 2))
+        if label == "A":
+            x = x + np.array([3.0, 0.0])
+        if label == "B":
+            x = x + np.array([0.0, -2.0]) * np.abs(x[:, :1])
+        blocks.append(x)
+        labels += [label] * n
+    return ad.AnnData(X=np.vstack(blocks).astype(np.float32), obs={"condition": labels})
+
+
+def test_ot_coupling_recovers_a_permutation():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(64, 3)), jnp.float32)
+    perm = rng.permutation(64)
+    config = fm.FlowMatchingConfig(epsilon=1e-3, sinkhorn_iterations=2000)
+    x0, x1 = fm.couple(jax.random.key(0), x, x[perm] + 0.01, config)
+    np.testing.assert_allclose(np.asarray(x1), np.asarray(x) + 0.01, atol=1e-5)
+    independent = fm.FlowMatchingConfig(coupling="independent")
+    _, y1 = fm.couple(jax.random.key(0), x, x[perm], independent)
+    assert not np.allclose(np.asarray(y1), np.asarray(x))
+
+
+def test_interpolation_path():
+    x0, x1 = jnp.zeros((5, 2)), jnp.ones((5, 2))
+    t, x_t, u = fm.interpolate(jax.random.key(1), x0, x1, fm.FlowMatchingConfig())
+    np.testing.assert_allclose(np.asarray(x_t), np.asarray(t)[:, None] * np.ones((5, 2)), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(u), 1.0)
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    adata = shift_data()
+    model = cf.ResponseModel(adata, rep="X", method="flow_matching", **SMALL).fit(steps=600, batch_size=64, progress=False)
+    return adata, model
+
+
+def test_learns_the_map(fitted):
+    adata, model = fitted
+    source = adata[adata.obs.condition == "control"]
+    for label in ("A", "B"):
+        truth = adata[adata.obs.condition == label].X
+        pred = model.predict(source, label).X
+        identity = cf.metrics.energy_distance(source.X, truth)
+        learned = cf.metrics.energy_distance(pred, truth)
+        assert learned < 0.15 * identity, (label, learned, identity)
+    # the map of A is a translation: each cell moves by about (3, 0)
+    shift = (model.predict(source, "A").X - source.X).mean(0)
+    np.testing.assert_allclose(shift, [3.0, 0.0], atol=0.3)
+    assert {"step", "loss"} <= set(model.history_.columns)
+    assert model.history_["loss"].iloc[-1] < model.history_["loss"].iloc[0]
+
+
+def test_deterministic_and_save_load(fitted, tmp_path):
+    adata, model = fitted
+    source = adata[adata.obs.condition == "control"][:100]
+    first = model.predict(source, ["A", "B"], seed=3).X
+    np.testing.assert_array_equal(first, model.predict(source, ["A", "B"], seed=3).X)
+    model.save(tmp_path / "fm")
+    loaded = cf.ResponseModel.load(tmp_path / "fm")
+    np.testing.assert_array_equal(first, loaded.predict(source, ["A", "B"], seed=3).X)
+    assert loaded.history_.equals(model.history_)
+    # same seed, same training
+    again = cf.ResponseModel(adata, rep="X", method="flow_matching", **SMALL).fit(steps=50, batch_size=32, seed=5, progress=False)
+    twice = cf.ResponseModel(adata, rep="X", method="flow_matching", **SMALL).fit(steps=50, batch_size=32, seed=5, progress=False)
+    np.testing.assert_array_equal(again.predict(source, "A").X, twice.predict(source, "A").X)
+
+
+def test_resume_after_interruption_matches_uninterrupted(tmp_path, monkeypatch):
+    adata = shift_data(n=100)
+    source = adata[adata.obs.condition == "control"]
+    args = dict(rep="X", method="flow_matching", **{**SMALL, "chunk": 25}, checkpoint_every=50)
+
+    full = cf.ResponseModel(adata, **args, checkpoint_dir=str(tmp_path / "a")).fit(steps=100, batch_size=32, progress=False)
+
+    import cellflow.train._loop as loop
+
+    real_save = loop.save_checkpoint
+    calls = {"n": 0}
+
+    def crash_after_first_checkpoint(*a, **k):
+        real_save(*a, **k)
+        calls["n"] += 1
+        raise KeyboardInterrupt("simulated interruption")
+
+    monkeypatch.setattr(loop, "save_checkpoint", crash_after_first_checkpoint)
+    interrupted = cf.ResponseModel(adata, **args, checkpoint_dir=str(tmp_path / "b"))
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.fit(steps=100, batch_size=32, progress=False)
+    assert calls["n"] == 1 and cf.train.latest_checkpoint(tmp_path / "b") == 50
+    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    interrupted.fit(steps=100, batch_size=32, progress=False, resume=True)
+    np.testing.assert_array_equal(full.predict(source, "A").X, interrupted.predict(source, "A").X)
+    assert list(interrupted.history_["step"]) == list(full.history_["step"])
+
+
+def test_validation_split_records_scores():
+    adata = shift_data(n=120)
+    model = cf.ResponseModel(
+        adata, rep="X", method="flow_matching", **{**SMALL, "chunk": 25}, validation_fraction=0.2, eval_every=25, patience=2
+    ).fit(steps=100, batch_size=32, progress=False)
+    assert "val_energy_distance" in model.history_ and model.history_["val_energy_distance"].notna().all()
+
+
+def test_unseen_perturbation_with_embedding_and_combination():
+    adata = shift_data(n=100)
+    embeddings = {"A": [1.0, 0.0], "B": [0.0, 1.0], "C": [0.7, 0.7]}
+    model = cf.ResponseModel(
+        adata, rep="X", method="flow_matching", perturbation_embeddings=embeddings, **SMALL
+    ).fit(steps=50, batch_size=32, progress=False)
+    source = adata[adata.obs.condition == "control"]
+    pred = model.predict(source, ["C", "A+B"])
+    assert pred.shape == (2 * source.n_obs, 2) and np.isfinite(pred.X).all()
+    with pytest.raises(cf.CellflowKeyError, match="'Z'"):
+        model.predict(source, "Z")
+
+
+def test_option_validation():
+    adata = shift_data(n=20)
+    with pytest.raises(cf.CellflowValueError, match=r"solver='rk4'.*valid choices.*'heun'"):
+        cf.ResponseModel(adata, rep="X", method="flow_matching", solver="rk4")
+    with pytest.raises(cf.CellflowKeyError, match=r"option 'widht'.*valid options.*'width'"):
+        cf.ResponseModel(adata, rep="X", method="flow_matching", widht=3)
