@@ -27,7 +27,7 @@ def _key_values(items: Sequence[str] | None, what: str) -> dict:
 def _demo(args) -> int:
     from cellflow._demo import run_demo
 
-    run_demo(args.out, seed=args.seed, plot=not args.no_plot)
+    run_demo(args.out, seed=args.seed, steps=args.steps, plot=not args.no_plot)
     return 0
 
 
@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="cellflow_demo", help="output directory (default: cellflow_demo)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--no-plot", action="store_true", help="skip the PNG figure")
+    demo.add_argument("--steps", type=int, default=None, help="training steps of the learned method (default: its own)")
     demo.set_defaults(func=_demo)
 
     train = sub.add_parser("train", help="fit a ResponseModel on an h5ad/csv/parquet file and save it")

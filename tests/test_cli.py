@@ -9,7 +9,8 @@ from cellflow.cli import main
 
 
 def test_demo_mean_shift_beats_identity_on_held_out_combinations(tmp_path):
-    per_condition, summary = run_demo(tmp_path, verbose=False)
+    # few training steps keep this test short; the full demo is `cellflow demo`
+    per_condition, summary = run_demo(tmp_path, verbose=False, steps=300)
     combos = summary.loc["held-out combinations"]
     patient = summary.loc[[i for i in summary.index if i.startswith("unseen patient")][0]]
     assert combos["mean_shift"] < 0.6 * combos["identity"]
@@ -25,7 +26,7 @@ def test_demo_mean_shift_beats_identity_on_held_out_combinations(tmp_path):
 
 
 def test_cli_demo_runs(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path / "d"), "--no-plot"]) == 0
+    assert main(["demo", "--out", str(tmp_path / "d"), "--no-plot", "--steps", "100"]) == 0
     out = capsys.readouterr().out
     assert "held-out combinations" in out and "noise_floor" in out
 
