@@ -1,7 +1,7 @@
 import anndata as ad
 import numpy as np
 import pytest
-from _toy import BASE, SHIFTS, toy_adata
+from _toy import SHIFTS, toy_adata
 
 import cellflow as cf
 from cellflow.solvers import gaussian

@@ -1,6 +1,5 @@
 import numpy as np
 import pandas as pd
-import pytest
 from _toy import toy_adata
 
 import cellflow as cf

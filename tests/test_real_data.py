@@ -3,7 +3,6 @@
 Skipped with a reason when the data folder is absent; CI has it.
 """
 
-import numpy as np
 import pytest
 from conftest import shared_file
 
