@@ -14,6 +14,7 @@ import json
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import anndata as ad
@@ -92,7 +93,7 @@ class DataSpec:
     pools: pd.DataFrame = field(repr=False)
     numeric_dose: bool = False
 
-    @property
+    @cached_property
     def group_conditions(self) -> list[Condition]:
         """The parsed condition of every group, in group order."""
         return [
@@ -100,7 +101,7 @@ class DataSpec:
             for c, d in zip(self.groups["condition"], self.groups["dose"])
         ]
 
-    @property
+    @cached_property
     def group_covariates(self) -> list[tuple[str, ...]]:
         """The covariate values of every group, in group order."""
         return [tuple(map(str, row)) for row in self.groups[list(self.covariate_keys)].to_numpy()]

@@ -247,13 +247,18 @@ def _validation_scorer(graphdef, validation: PerturbationData, embeddings, spec,
     groups = sorted(rng.choice(groups, size=min(max_groups, len(groups)), replace=False).tolist()) if groups else []
     if not groups:
         return None
-    sources = np.stack([validation.source_cells(g)[rng.integers(0, len(validation.source_cells(g)), batch_size)] for g in groups])
-    targets = np.stack([validation.target_cells(g)[rng.integers(0, len(validation.group_index[g]), batch_size)] for g in groups])
+    def draw(cells: np.ndarray) -> np.ndarray:
+        return cells[rng.integers(0, len(cells), batch_size)]
+
+    sources = np.stack([draw(validation.source_cells(g)) for g in groups])
+    targets = np.stack([draw(validation.target_cells(g)) for g in groups])
     encoded = [
-        encode_condition(c, cov, embeddings, spec.covariate_values, spec.max_members)
-        for c, cov in zip(spec.group_conditions, spec.group_covariates)
+        encode_condition(
+            spec.group_conditions[g], spec.group_covariates[g], embeddings, spec.covariate_values, spec.max_members
+        )
+        for g in groups
     ]
-    conditions = jax.tree.map(lambda *leaves: jnp.asarray(np.stack(leaves)), *[encoded[g] for g in groups])
+    conditions = jax.tree.map(lambda *leaves: jnp.asarray(np.stack(leaves)), *encoded)
 
     @jax.jit
     def score(params, sources, targets, conditions):
