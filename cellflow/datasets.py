@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import warnings
 import zlib
 from collections.abc import Iterable, Sequence
 from os import PathLike
@@ -78,7 +79,7 @@ CONTROL = "control"
 #: Distance between state centres, in within-state standard deviations (when ``n_states <= n_features``).
 CENTRE_DISTANCE = 8.0
 #: File suffixes understood by :func:`read` (table formats may additionally end in a compression suffix).
-SUPPORTED_SUFFIXES = (".h5ad", ".csv", ".tsv", ".parquet", ".pq")
+SUPPORTED_SUFFIXES = (".h5ad", ".csv", ".tsv", ".parquet", ".pq", ".npz")
 _COMPRESSION_SUFFIXES = (".gz", ".bz2", ".zip", ".xz", ".zst")
 
 _N_HIDDEN = 8
@@ -810,7 +811,12 @@ def _is_feature_dtype(series: pd.Series) -> bool:
 
 
 def _frame_to_anndata(
-    df: pd.DataFrame, obs_columns: Sequence[str] | None, *, auto_index: bool, path: Path
+    df: pd.DataFrame,
+    obs_columns: Sequence[str] | None,
+    *,
+    auto_index: bool,
+    path: Path,
+    metadata_prefix: str | None = None,
 ) -> ad.AnnData:
     df = df.copy()
     df.columns = [str(c) for c in df.columns]
@@ -831,7 +837,10 @@ def _frame_to_anndata(
             df.index.name = None
 
     if obs_columns is None:
-        feature_cols = [c for c in df.columns if _is_feature_dtype(df[c])]
+        def is_metadata(column: str) -> bool:
+            return bool(metadata_prefix) and column.startswith(metadata_prefix)
+
+        feature_cols = [c for c in df.columns if _is_feature_dtype(df[c]) and not is_metadata(c)]
         obs_cols = [c for c in df.columns if c not in set(feature_cols)]
     else:
         missing = [c for c in obs_columns if c not in df.columns]
@@ -860,8 +869,58 @@ def _frame_to_anndata(
     return ad.AnnData(X=X, obs=obs, var=var)
 
 
-def read(path: str | PathLike[str], *, obs_columns: Sequence[str] | None = None, **kwargs: Any) -> ad.AnnData:
-    """Read cells from ``.h5ad``, ``.csv``, ``.tsv`` or ``.parquet`` into an AnnData.
+def _npz_to_anndata(path: Path, obs_columns: Sequence[str] | None, features_key: str | None) -> ad.AnnData:
+    """An ``.npz`` archive: one 2-d feature array plus 1-d per-row metadata arrays."""
+    with np.load(path, allow_pickle=False) as archive:
+        arrays = {name: archive[name] for name in archive.files}
+    if features_key is None:
+        matrices = [k for k, v in arrays.items() if v.ndim == 2 and np.issubdtype(v.dtype, np.number)]
+        if len(matrices) != 1:
+            raise CellflowValueError(
+                f"read: {str(path)!r} holds {len(matrices)} 2-d numeric arrays {matrices}; pass features_key= to "
+                f"name the features (arrays: {format_choices(arrays)})."
+            )
+        features_key = matrices[0]
+    if features_key not in arrays:
+        raise CellflowKeyError(f"read: features_key={features_key!r} is not in {str(path)!r}; valid choices: {format_choices(arrays)}.")
+    features = arrays.pop(features_key)
+    if features.ndim != 2:
+        raise CellflowValueError(f"read: {features_key!r} of {str(path)!r} must be 2-d (rows x features), got shape {features.shape}.")
+    n, d = features.shape
+    var_names = next((arrays.pop(k) for k in ("var_names", "feature_names") if k in arrays and arrays[k].shape == (d,)), None)
+    obs_names = next((arrays.pop(k) for k in ("obs_names", "index") if k in arrays and arrays[k].shape == (n,)), None)
+    wanted = list(arrays) if obs_columns is None else [str(c) for c in ([obs_columns] if isinstance(obs_columns, str) else obs_columns)]
+    missing = [c for c in wanted if c not in arrays]
+    if missing:
+        raise CellflowKeyError(f"read: obs_columns {missing} not found in {str(path)!r}; valid choices: {format_choices(arrays)}.")
+    misshapen = {c: arrays[c].shape for c in wanted if arrays[c].shape != (n,)}
+    if misshapen:
+        if obs_columns is not None:
+            raise CellflowValueError(
+                f"read: obs_columns of {str(path)!r} must be 1-d arrays of length {n} (one per row); got shapes {misshapen}."
+            )
+        warnings.warn(
+            f"read: arrays {sorted(misshapen)} of {str(path)!r} are not per-row metadata (shapes {misshapen}) and are skipped.",
+            UserWarning,
+            stacklevel=3,
+        )
+        wanted = [c for c in wanted if c not in misshapen]
+    index = pd.Index([str(v) for v in obs_names] if obs_names is not None else [str(i) for i in range(n)])
+    obs = pd.DataFrame({c: arrays[c] for c in wanted}, index=index)
+    var = pd.DataFrame(index=pd.Index([str(v) for v in var_names] if var_names is not None else [f"feature_{j}" for j in range(d)]))
+    return ad.AnnData(X=np.asarray(features, dtype=np.float32), obs=obs, var=var)
+
+
+def read(
+    path: str | PathLike[str],
+    *,
+    obs_columns: Sequence[str] | None = None,
+    metadata_prefix: str | None = "Metadata_",
+    obsm_key: str | None = None,
+    features_key: str | None = None,
+    **kwargs: Any,
+) -> ad.AnnData:
+    """Read cells or profiles from ``.h5ad``, ``.csv``, ``.tsv``, ``.parquet`` or ``.npz`` into an AnnData.
 
     Parameters
     ----------
@@ -869,12 +928,24 @@ def read(path: str | PathLike[str], *, obs_columns: Sequence[str] | None = None,
         File path. The format comes from the suffix (case-insensitive): ``.h5ad``
         (:func:`anndata.read_h5ad`), ``.csv`` / ``.tsv`` (:func:`pandas.read_csv`; may end in
         ``.gz``, ``.bz2``, ``.zip``, ``.xz``, ``.zst``), ``.parquet`` / ``.pq``
-        (:func:`pandas.read_parquet`, needs pyarrow).
+        (:func:`pandas.read_parquet`, needs pyarrow), ``.npz`` (:func:`numpy.load`, no pickles).
     obs_columns
         Table formats only. ``None``: numeric (int/float, not bool) columns become the features in
         ``X`` and all other columns become ``obs``. Otherwise exactly these columns become ``obs``
         and every other column is a feature (all must be numeric); use this when a numeric column,
-        e.g. a dose, is metadata.
+        e.g. a dose, is metadata. For ``.npz``: the 1-d arrays to keep as ``obs`` (default all).
+    metadata_prefix
+        Tables with ``obs_columns=None``: columns whose name starts with this go to ``obs`` even
+        when numeric (CellProfiler and pycytominer name metadata ``Metadata_*``, e.g.
+        ``Metadata_Concentration``). ``None`` turns the rule off.
+    obsm_key
+        Store the features in ``obsm[obsm_key]`` (as an embedding, ``rep=obsm_key``) instead of
+        ``X``, which is then empty. For per-cell embeddings of an image encoder.
+    features_key
+        ``.npz`` only: the name of the 2-d feature array; by default the only 2-d numeric array.
+        1-d arrays with one entry per row become ``obs`` columns; ``var_names`` /
+        ``feature_names`` (one per feature) and ``obs_names`` / ``index`` (one per row) name
+        the features and rows.
     **kwargs
         Passed to the underlying reader.
 
@@ -909,16 +980,28 @@ def read(path: str | PathLike[str], *, obs_columns: Sequence[str] | None = None,
     if not path.exists():
         raise FileNotFoundError(f"read: no such file: {str(path)!r}")
     if fmt == ".h5ad":
-        if obs_columns is not None:
+        if obs_columns is not None or obsm_key is not None or features_key is not None:
             raise CellflowValueError(
-                f"read: obs_columns={obs_columns!r} applies to .csv/.tsv/.parquet tables only, not to {str(path)!r}."
+                f"read: obs_columns, obsm_key and features_key apply to .csv/.tsv/.parquet/.npz tables only, "
+                f"not to {str(path)!r}."
             )
         return ad.read_h5ad(path, **kwargs)
-    if fmt in (".csv", ".tsv"):
-        auto_index = "index_col" not in kwargs
-        kwargs.setdefault("sep", "," if fmt == ".csv" else "\t")
-        df = pd.read_csv(path, **kwargs)
+    if features_key is not None and fmt != ".npz":
+        raise CellflowValueError(f"read: features_key={features_key!r} applies to .npz archives only, not to {str(path)!r}.")
+    if fmt == ".npz":
+        adata = _npz_to_anndata(path, obs_columns, features_key)
     else:
-        auto_index = True
-        df = pd.read_parquet(path, **kwargs)
-    return _frame_to_anndata(df, obs_columns, auto_index=auto_index, path=path)
+        if fmt in (".csv", ".tsv"):
+            auto_index = "index_col" not in kwargs
+            kwargs.setdefault("sep", "," if fmt == ".csv" else "\t")
+            df = pd.read_csv(path, **kwargs)
+        else:
+            auto_index = True
+            df = pd.read_parquet(path, **kwargs)
+        adata = _frame_to_anndata(df, obs_columns, auto_index=auto_index, path=path, metadata_prefix=metadata_prefix)
+    if obsm_key is None:
+        return adata
+    embedded = ad.AnnData(X=np.zeros((adata.n_obs, 0), dtype=np.float32), obs=adata.obs)
+    embedded.obsm[obsm_key] = np.asarray(adata.X)
+    embedded.uns["feature_names"] = [str(v) for v in adata.var_names]
+    return embedded

@@ -7,8 +7,9 @@ Tasks (see ../shared/data/README.md for provenance):
   per cell type. Metrics in a 50-d PCA of log counts, and R² of the mean shift over the top
   50 DEGs after decoding to genes.
 - ``scgen_cd4t``: Kang 2018 as preprocessed for scGen; hold out stimulated CD4T cells.
-- ``bbbc021_dose``: BBBC021 CellProfiler well profiles (z-scored on DMSO wells); hold out the
-  1 uM treatments of compounds with at least three doses; predict them from DMSO wells.
+- ``bbbc021_dose``: BBBC021 CellProfiler well profiles (robust z-scored per plate on its DMSO
+  wells, redundant features dropped); hold out the 1 uM treatments of compounds with at least
+  three doses; predict them from DMSO wells.
 
     python experiments/run.py [--tasks kang_patient scgen_cd4t bbbc021_dose]
                               [--methods identity mean_shift gaussian_ot flow_matching] [--seeds 0 1 2]
@@ -81,8 +82,9 @@ def scgen_cd4t(data: Path) -> Task:
 
 
 def bbbc021_dose(data: Path) -> Task:
-    adata = cf.datasets.read(data / "bbbc021_per_well_mean_cytominergallery.h5ad")
-    adata = cf.pp.standardize_to_control(adata, "compound", "DMSO")
+    wells = cf.datasets.read(data / "bbbc021_per_well_mean_cytominergallery.h5ad")
+    normalised = cf.pp.normalize_plates(wells, plate_key="plate", control="DMSO", perturbation_key="compound")
+    adata = cf.pp.select_features(normalised, subset=(normalised.obs.compound == "DMSO").to_numpy())
     n_doses = adata.obs.groupby("compound", observed=True)["concentration"].nunique()
     at_one = set(adata.obs.compound[adata.obs.concentration == 1.0])
     held = sorted(c for c, n in n_doses.items() if n >= 3 and c in at_one and c != "DMSO")

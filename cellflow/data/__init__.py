@@ -13,6 +13,7 @@ from cellflow.data._dataset import (
     prepare,
 )
 from cellflow.data._embeddings import EmbeddingTable, make_embedding_table
+from cellflow.data._fingerprints import morgan_fingerprints
 from cellflow.data._lookup import condition_weights
 from cellflow.data._representation import available_representations, check_finite, get_representation
 from cellflow.data._sampler import (
@@ -53,6 +54,7 @@ __all__ = [
     "get_representation",
     "holdout",
     "make_embedding_table",
+    "morgan_fingerprints",
     "parse_condition",
     "parse_obs_conditions",
     "prepare",

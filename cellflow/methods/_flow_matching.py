@@ -18,24 +18,29 @@ from cellflow.data import (
     EmbeddingTable,
     PerturbationData,
     build_training_arrays,
+    condition_weights,
     encode_condition,
 )
 from cellflow.methods._base import Method, Option
+from cellflow.methods._baselines import GaussianOT, MeanShift
 from cellflow.nn import ResponseField
+from cellflow.solvers import baselines
 from cellflow.solvers import flow_matching as fm
 from cellflow.train import make_optimizer, run_training
 
 __all__ = ["FlowMatching", "FlowMatchingState"]
 
 _SOLVERS = ("euler", "heun", "midpoint", "tsit5", "dopri5")
+_PRIORS = {"none": None, "mean_shift": MeanShift, "gaussian_ot": GaussianOT}
 
 
 class FlowMatchingState(NamedTuple):
-    """A fitted flow-matching model: the graph definition, EMA parameters, training history."""
+    """A fitted flow-matching model: graph definition, EMA parameters, history, baseline prior."""
 
     graphdef: Any
     params: Any
     history: pd.DataFrame
+    prior: baselines.AffineResponse | None = None
 
 
 def _positive_int(value):
@@ -111,6 +116,11 @@ class FlowMatching(Method):
         "chunk": Option(100, "steps per jitted dispatch", _positive_int),
         "checkpoint_dir": Option(None, "directory of orbax training checkpoints", _optional_path),
         "checkpoint_every": Option(1000, "steps between checkpoints", _positive_int),
+        "prior": Option(
+            "none",
+            "start the flow from a baseline's prediction and learn the rest: 'none', 'mean_shift' or 'gaussian_ot'",
+            _one_of(*_PRIORS),
+        ),
     }
 
     # -- construction -------------------------------------------------------------------------
@@ -156,14 +166,19 @@ class FlowMatching(Method):
         if options["validation_fraction"] > 0:
             train_data, validation = _split_validation(data, options["validation_fraction"], rng)
         arrays = build_training_arrays(train_data, embeddings, group_weighting=options["group_weighting"])
+        prior = None
+        if _PRIORS[options["prior"]] is not None:
+            prior = _PRIORS[options["prior"]]().fit(
+                train_data, embeddings, {}, steps=None, batch_size=None, seed=seed, progress=False
+            )
         key = jax.random.key(seed)
         model = self.build(data.spec, embeddings.dim, options, seed)
         optimizer = make_optimizer(options["learning_rate"], steps, warmup=options["warmup"], weight_decay=options["weight_decay"])
         graphdef, state = fm.init_state(model, optimizer, key)
-        train_chunk = fm.make_train_chunk(graphdef, optimizer, arrays, config, options["chunk"])
+        train_chunk = fm.make_train_chunk(graphdef, optimizer, arrays, config, options["chunk"], prior)
         evaluate = None
         if validation is not None:
-            evaluate = _validation_scorer(graphdef, validation, embeddings, data.spec, batch_size, rng)
+            evaluate = _validation_scorer(graphdef, validation, embeddings, data.spec, batch_size, rng, prior)
         result = run_training(
             train_chunk,
             state,
@@ -178,7 +193,7 @@ class FlowMatching(Method):
             progress=progress,
             description="flow matching",
         )
-        return FlowMatchingState(graphdef, result.best_ema, result.history)
+        return FlowMatchingState(graphdef, result.best_ema, result.history, prior)
 
     def history(self, state: FlowMatchingState) -> pd.DataFrame:
         return state.history
@@ -193,9 +208,13 @@ class FlowMatching(Method):
         )
         n = source.shape[0]
         population = source[np.asarray(jax.random.randint(key, (options["population_size"],), 0, n))]
+        start = source
+        if state.prior is not None:
+            weights = condition_weights(condition, covariates, spec.group_conditions, spec.group_covariates)
+            start = np.asarray(baselines.push(state.prior, source, weights))
         padded = _bucket(n)
         x = np.zeros((padded, source.shape[1]), np.float32)
-        x[:n] = source
+        x[:n] = start
         y = fm.push(
             state.graphdef,
             state.params,
@@ -210,13 +229,22 @@ class FlowMatching(Method):
     # -- persistence --------------------------------------------------------------------------
     def state_to_arrays(self, state: FlowMatchingState) -> dict[str, np.ndarray]:
         leaves, _ = jax.tree_util.tree_flatten_with_path(state.params)
-        return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
+        arrays = {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
+        if state.prior is not None:
+            arrays["prior/offset"] = np.asarray(state.prior.offset)
+            if state.prior.linear is not None:
+                arrays["prior/linear"] = np.asarray(state.prior.linear)
+        return arrays
 
     def state_from_arrays(self, arrays, spec, options, embeddings) -> FlowMatchingState:
         graphdef, template = nnx.split(self.build(spec, embeddings.dim, options))
         leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
         params = jax.tree_util.tree_unflatten(treedef, [jnp.asarray(arrays[jax.tree_util.keystr(p)]) for p, _ in leaves])
-        return FlowMatchingState(graphdef, params, pd.DataFrame())
+        prior = None
+        if "prior/offset" in arrays:
+            linear = arrays.get("prior/linear")
+            prior = baselines.AffineResponse(jnp.asarray(arrays["prior/offset"]), None if linear is None else jnp.asarray(linear))
+        return FlowMatchingState(graphdef, params, pd.DataFrame(), prior)
 
 
 def _bucket(n: int) -> int:
@@ -241,7 +269,7 @@ def _split_validation(data: PerturbationData, fraction: float, rng: np.random.Ge
     return dataclasses.replace(data, group_index=tuple(train)), dataclasses.replace(data, group_index=tuple(held))
 
 
-def _validation_scorer(graphdef, validation: PerturbationData, embeddings, spec, batch_size, rng, max_groups: int = 32):
+def _validation_scorer(graphdef, validation: PerturbationData, embeddings, spec, batch_size, rng, prior=None, max_groups: int = 32):
     """``ema -> mean energy distance`` over up to ``max_groups`` held-out groups (one jitted call)."""
     groups = [g for g, index in enumerate(validation.group_index) if len(index) >= 2]
     groups = sorted(rng.choice(groups, size=min(max_groups, len(groups)), replace=False).tolist()) if groups else []
@@ -252,6 +280,9 @@ def _validation_scorer(graphdef, validation: PerturbationData, embeddings, spec,
 
     sources = np.stack([draw(validation.source_cells(g)) for g in groups])
     targets = np.stack([draw(validation.target_cells(g)) for g in groups])
+    starts = sources
+    if prior is not None:
+        starts = np.stack([np.asarray(baselines.push_group(prior, jnp.asarray(x), g)) for x, g in zip(sources, groups)])
     encoded = [
         encode_condition(
             spec.group_conditions[g], spec.group_covariates[g], embeddings, spec.covariate_values, spec.max_members
@@ -261,11 +292,11 @@ def _validation_scorer(graphdef, validation: PerturbationData, embeddings, spec,
     conditions = jax.tree.map(lambda *leaves: jnp.asarray(np.stack(leaves)), *encoded)
 
     @jax.jit
-    def score(params, sources, targets, conditions):
-        def one(source, target, condition):
-            prediction = fm.integrate(graphdef, params, source, condition, source, "euler", 8)
+    def score(params, starts, sources, targets, conditions):
+        def one(start, source, target, condition):
+            prediction = fm.integrate(graphdef, params, start, condition, source, "euler", 8)
             return fm.energy_distance(prediction, target)
 
-        return jnp.mean(jax.vmap(one)(sources, targets, conditions))
+        return jnp.mean(jax.vmap(one)(starts, sources, targets, conditions))
 
-    return lambda params: score(params, jnp.asarray(sources), jnp.asarray(targets), conditions)
+    return lambda params: score(params, jnp.asarray(starts), jnp.asarray(sources), jnp.asarray(targets), conditions)

@@ -20,7 +20,7 @@ import numpy as np
 from cellflow._errors import CellflowValueError
 from cellflow.solvers.gaussian import monge_map_matrix, shrunk_covariance
 
-__all__ = ["AffineResponse", "GroupMoments", "fit_gaussian_ot", "fit_mean_shift", "group_moments", "push"]
+__all__ = ["AffineResponse", "GroupMoments", "fit_gaussian_ot", "fit_mean_shift", "group_moments", "push", "push_group"]
 
 
 class AffineResponse(NamedTuple):
@@ -136,4 +136,15 @@ def push(response: AffineResponse, x: jax.Array, weights: jax.Array) -> jax.Arra
     y = x + weights @ response.offset
     if response.linear is not None:
         y = y + x @ jnp.einsum("g,gij->ji", weights, response.linear)
+    return y
+
+
+def push_group(response: AffineResponse, x: jax.Array, group: jax.Array) -> jax.Array:
+    """Move cells ``x`` ``(n, d)`` by the displacement of one group (a traced int index).
+
+    Unjitted, for use inside other jitted functions (e.g. to start a flow from the baseline).
+    """
+    y = x + response.offset[group]
+    if response.linear is not None:
+        y = y + x @ response.linear[group].T
     return y

@@ -28,6 +28,7 @@ from ott.solvers.linear import acceleration, sinkhorn
 
 from cellflow.data import ConditionArrays, TrainingArrays, sample_batches
 from cellflow.nn import ResponseField
+from cellflow.solvers.baselines import AffineResponse, push_group
 from cellflow.train import TrainState, ema_update
 
 __all__ = ["FlowMatchingConfig", "couple", "energy_distance", "interpolate", "make_train_chunk", "push", "init_state", "integrate"]
@@ -131,16 +132,29 @@ def init_state(model: ResponseField, optimizer: optax.GradientTransformation, ke
     return graphdef, state
 
 
-def make_train_chunk(graphdef: Any, optimizer: optax.GradientTransformation, arrays: TrainingArrays, config: FlowMatchingConfig, chunk: int):
-    """A jitted ``state -> (state, {"loss": (chunk,)})`` running ``chunk`` flow-matching steps."""
+def make_train_chunk(
+    graphdef: Any,
+    optimizer: optax.GradientTransformation,
+    arrays: TrainingArrays,
+    config: FlowMatchingConfig,
+    chunk: int,
+    prior: AffineResponse | None = None,
+):
+    """A jitted ``state -> (state, {"loss": (chunk,)})`` running ``chunk`` flow-matching steps.
+
+    With a ``prior`` (per-group affine displacements of a baseline), the flow starts from the
+    baseline's prediction ``prior_g(x0)`` instead of the control cells ``x0`` and learns only
+    what the baseline misses; the population encoder still sees the control cells.
+    """
 
     def loss_fn(params, batch, key):
         model = nnx.merge(graphdef, params)
         groups = batch.source.shape[0]
         key_couple, key_path, key_model = jax.random.split(key, 3)
+        start = batch.source if prior is None else jax.vmap(partial(push_group, prior))(batch.source, batch.group)
         # lax.map, not vmap: Sinkhorn's while loop would run every group to the slowest one.
         x0, x1 = jax.lax.map(
-            lambda args: couple(*args, config), (jax.random.split(key_couple, groups), batch.source, batch.target)
+            lambda args: couple(*args, config), (jax.random.split(key_couple, groups), start, batch.target)
         )
         t, x_t, u = jax.vmap(interpolate, in_axes=(0, 0, 0, None))(jax.random.split(key_path, groups), x0, x1, config)
 
