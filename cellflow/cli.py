@@ -11,7 +11,9 @@ __all__ = ["main"]
 
 
 def _key_values(items: Sequence[str] | None, what: str) -> dict:
-    """Parse ``key=value`` pairs; values are JSON when they parse as JSON, else strings."""
+    """Parse ``key=value`` pairs; values are JSON when they parse as JSON (Python's ``True``,
+    ``False`` and ``None`` are accepted too), else strings."""
+    python_literals = {"True": True, "False": False, "None": None}
     parsed = {}
     for item in items or ():
         if "=" not in item:
@@ -20,7 +22,7 @@ def _key_values(items: Sequence[str] | None, what: str) -> dict:
         try:
             parsed[key] = json.loads(value)
         except json.JSONDecodeError:
-            parsed[key] = value
+            parsed[key] = python_literals.get(value, value)
     return parsed
 
 

@@ -139,3 +139,39 @@ def test_option_validation():
         cf.ResponseModel(adata, rep="X", method="flow_matching", solver="rk4")
     with pytest.raises(cf.CellflowKeyError, match=r"option 'widht'.*valid options.*'width'"):
         cf.ResponseModel(adata, rep="X", method="flow_matching", widht=3)
+
+
+def test_prior_starts_from_the_baseline_and_round_trips(tmp_path):
+    from cellflow.solvers import baselines
+
+    prior = "gaussian_ot"
+    adata = shift_data(n=150)
+    model = cf.ResponseModel(adata, rep="X", method="flow_matching", prior=prior, **SMALL).fit(
+        steps=150, batch_size=64, progress=False
+    )
+    state = model.state_
+    assert state.prior is not None and (state.prior.linear is not None) == (prior == "gaussian_ot")
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(5, 2)), jnp.float32)
+    weights = np.eye(state.prior.offset.shape[0], dtype=np.float32)[1]
+    np.testing.assert_allclose(
+        baselines.push_group(state.prior, x, 1), baselines.push(state.prior, x, weights), rtol=1e-6, atol=1e-6
+    )
+    source = adata[adata.obs.condition == "control"]
+    pred = model.predict(source, "A")
+    shift = pred.X.mean(0) - source.X.mean(0)
+    np.testing.assert_allclose(shift, [3.0, 0.0], atol=0.3)
+    model.save(tmp_path / "m")
+    np.testing.assert_array_equal(cf.ResponseModel.load(tmp_path / "m").predict(source, "A").X, pred.X)
+
+
+def test_centred_fields_are_translation_equivariant():
+    """With population-relative positions, a control population moved as a whole (a new
+    patient or batch) gets the same response, moved with it."""
+    adata = shift_data(n=100)
+    model = cf.ResponseModel(
+        adata, rep="X", method="flow_matching", centre=True, population_encoder=False, **SMALL
+    ).fit(steps=50, batch_size=32, progress=False)
+    source = adata[adata.obs.condition == "control"].X
+    offset = np.array([2.5, -1.0], np.float32)
+    moved = model.predict(source + offset, "B", seed=3).X
+    np.testing.assert_allclose(moved, model.predict(source, "B", seed=3).X + offset, atol=2e-4)

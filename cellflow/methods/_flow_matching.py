@@ -80,6 +80,13 @@ class FlowMatching(Method):
     decay, Sinkhorn epsilon 0.01 of the mean cost, EMA 0.999, Heun with 16 steps to predict.
     About two minutes on two CPU cores; the cost per step does not grow with the number of
     cells, so larger data sets need more steps rather than more time per step.
+
+    ``prior="mean_shift"`` or ``"gaussian_ot"`` starts the flow from that baseline's prediction
+    and learns only the remainder. It is off by default: measured on Kang 2018 it changed the
+    held-out-patient energy distance from 0.458 to 0.428 (mean_shift prior) and 0.685
+    (gaussian_ot prior), and for a held-out cell type (scGen CD4T) it made predictions worse
+    (0.73 to 8.4), because the baseline's guess for an unseen covariate value moves the start
+    off the distribution the field was trained on.
     """
 
     name = "flow_matching"
@@ -94,6 +101,7 @@ class FlowMatching(Method):
         "pooling": Option("mean", "pooling of member tokens: 'mean' or 'attention'", _one_of("mean", "attention")),
         "conditioning": Option("film", "how conditions enter the fields: 'film' or 'concatenation'", _one_of("film", "concatenation")),
         "dropout": Option(0.0, "dropout in the fields and on the population summary", _fraction),
+        "centre": Option(False, "fields see positions relative to the source population's mean", _one_of(True, False)),
         "learning_rate": Option(1e-3, "peak learning rate (AdamW, warm-up, cosine decay)", _non_negative),
         "weight_decay": Option(0.0, "AdamW weight decay", _non_negative),
         "warmup": Option(200, "warm-up steps", _non_negative),
@@ -153,6 +161,7 @@ class FlowMatching(Method):
             pooling=options["pooling"],
             film=options["conditioning"] == "film",
             dropout_rate=float(options["dropout"]),
+            centre=options.get("centre", False),
             rngs=nnx.Rngs(seed),
         )
 

@@ -46,11 +46,15 @@ class Encoded(NamedTuple):
         ``(K,)`` bool.
     context
         ``(context_dim,)`` covariate and population context.
+    centre
+        ``(d,)`` origin of the fields' inputs: the source population's mean when the field
+        works in population-relative coordinates, else zeros.
     """
 
     tokens: jax.Array
     mask: jax.Array
     context: jax.Array
+    centre: jax.Array
 
 
 class _ConditionedMLP(nnx.Module):
@@ -96,6 +100,10 @@ class ResponseField(nnx.Module):
         Condition the fields by FiLM (True) or by concatenation (False).
     dropout_rate
         Dropout in the residual blocks and on the population summary.
+    centre
+        Feed the fields cell positions relative to the source population's mean, so that a
+        population that is offset as a whole (a new patient, a new batch) is handled like the
+        training populations.
     n_frequencies
         Frequencies of the time embedding.
     rngs
@@ -116,9 +124,11 @@ class ResponseField(nnx.Module):
         pooling: str = "mean",
         film: bool = True,
         dropout_rate: float = 0.0,
+        centre: bool = False,
         n_frequencies: int = 8,
         rngs: nnx.Rngs,
     ):
+        self.centre = centre
         self.covariate_sizes = tuple(covariate_sizes)
         self.context_dim = context_dim
         self.pooling = pooling
@@ -164,7 +174,8 @@ class ResponseField(nnx.Module):
             summary = self.population_out(jax.nn.silu(self.population(source)).mean(axis=0))
             summary = dropout(summary, self.dropout_rate, None if keys is None else keys[-1])
             context = context + summary
-        return Encoded(tokens, condition.mask, context)
+        centre = source.mean(axis=0) if self.centre else jnp.zeros(source.shape[-1], source.dtype)
+        return Encoded(tokens, condition.mask, context, jax.lax.stop_gradient(centre))
 
     def _pool(self, tokens: jax.Array, mask: jax.Array) -> jax.Array:
         if self.pooling == "attention":
@@ -177,7 +188,8 @@ class ResponseField(nnx.Module):
     def __call__(self, t: jax.Array, x: jax.Array, encoded: Encoded, key: jax.Array | None = None) -> jax.Array:
         """Velocity ``(B, d)`` at times ``t`` ``(B,)`` (or a scalar) and positions ``x`` ``(B, d)``."""
         t = jnp.broadcast_to(jnp.asarray(t, x.dtype), x.shape[:1])
-        tokens, mask, context = encoded
+        tokens, mask, context, centre = encoded
+        x = x - centre
         keys = (None, None) if key is None else tuple(jax.random.split(key))
 
         def member_velocity(token):

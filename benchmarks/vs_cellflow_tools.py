@@ -1,0 +1,258 @@
+"""Side by side with theislab's CellFlow (``cellflow-tools``): training speed, prediction speed
+and held-out quality on the synthetic default, measured in one run on one machine.
+
+Both packages import as ``cellflow``, so ``cellflow-tools`` (and ``requests``, which it uses
+without declaring it) is installed by this script into its own virtual environment (``--venv``,
+created on first use) and driven there by ``benchmarks/_cellflow_tools_driver.py``; this
+library runs in the current interpreter.
+
+Data: :func:`cellflow.datasets.synthetic` (default arguments) at dose 1 only (the driver gives
+CellFlow no doses, so neither library gets them). Training leaves out two drug pairs (one
+synergistic, one additive) for every patient; predictions start from fresh control cells of
+patient P1 and are scored with the energy distance against a fresh sample of the true
+response, beside ``mean_shift`` and the noise floor.
+
+Measured:
+
+* **equal architecture** (``--width``, ``--depth``, ``--token-dim``, batch size, one condition
+  per step as CellFlow trains): steady-state training steps per second of both (compilation
+  excluded), their ratio, achieved training GFLOP/s (``6 x parameters x cells`` per step, the
+  dense-layer estimate) against this machine's measured float32 matmul peak, and held-out
+  energy distance after the same number of steps;
+* **prediction** with those models: all 10 conditions (4 drugs, 6 pairs) x ``--cells`` cells
+  with each library's default solver (CellFlow: adaptive Tsit5 at rtol = atol = 1e-5; ours:
+  Heun with 16 steps), wall time of the call including compilation (ours also warm);
+* **each library's defaults**: CellFlow's default network (about 70 M parameters) trained for
+  ``--default-steps`` steps and scored on ``--default-cells`` cells per held-out pair (its
+  default prediction takes minutes per condition on a CPU), against our defaults trained for
+  increasing numbers of steps; the fit time of the first of ours that reaches CellFlow's
+  held-out energy distance, and the ratio of wall times.
+
+    python benchmarks/vs_cellflow_tools.py [--steps 500] [--cells 1000] [--default-steps 30] [--venv DIR]
+
+Prints one JSON object. Needs network access to PyPI the first time (to build the venv).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import anndata as ad
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import cellflow as cf
+from cellflow._demo import _held_out_pairs
+from cellflow.data import parse_obs_conditions
+
+HERE = Path(__file__).resolve().parent
+DRIVER = HERE / "_cellflow_tools_driver.py"
+DEFAULT_VENV = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cellflow-bench" / "cellflow-tools-venv"
+PATIENT = "P1"
+
+
+# --------------------------------------------------------------------------------------------
+# the peer's environment
+# --------------------------------------------------------------------------------------------
+def ensure_venv(venv: Path) -> Path:
+    """The python of a venv holding ``cellflow-tools`` and ``requests``; created if missing."""
+    python = venv / "bin" / "python"
+    if python.exists() and subprocess.run([python, "-c", "import cellflow.model"], capture_output=True, check=False).returncode == 0:
+        return python
+    print(f"creating {venv} with cellflow-tools (one-off, a few minutes)", file=sys.stderr)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([python, "-m", "pip", "install", "-q", "cellflow-tools", "requests"], check=True)
+    return python
+
+
+def run_driver(python: Path, workdir: Path, name: str, args: list[str]) -> dict:
+    out = workdir / f"{name}.json"
+    command = [str(python), str(DRIVER), *args, "--out", str(out)]
+    print("running", " ".join(command[1:]), file=sys.stderr)
+    subprocess.run(command, check=True, stdout=sys.stderr)
+    result = json.loads(out.read_text())
+    with np.load(result["predictions"]) as predictions:
+        result["arrays"] = {k.removeprefix("predictions_"): predictions[k] for k in predictions.files}
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# data and scoring
+# --------------------------------------------------------------------------------------------
+def make_data(seed: int, workdir: Path, n_cells: int):
+    """Training cells at dose 1 (CellFlow's driver has no doses), minus the held-out pairs."""
+    adata, truth = cf.datasets.synthetic(seed=seed)
+    adata = adata[adata.obs["dose"].astype(str).isin(["0", "1.0", "1.0+1.0"])].copy()
+    labels = parse_obs_conditions(adata, "condition", "control").labels()
+    combinations = sorted({c for c in labels if "+" in c})
+    held = _held_out_pairs(truth, combinations)
+    train = adata[~np.isin(labels, held)].copy()
+    source = ad.AnnData(
+        X=truth.sample_control(n_cells, PATIENT, seed=seed + 1).astype(np.float32),
+        obs={"patient": [PATIENT] * n_cells, "condition": ["control"] * n_cells},
+    )
+    source.obs_names = [f"source{i}" for i in range(n_cells)]
+    conditions = held + [c for c in sorted(set(labels)) if c and c not in held]
+    train.write_h5ad(workdir / "train.h5ad")
+    source.write_h5ad(workdir / "predict.h5ad")
+    return train, source, truth, held, conditions
+
+
+def held_out_energy(predictions: dict[str, np.ndarray], truth, held: list[str], seed: int) -> dict[str, float]:
+    scores = {}
+    for condition in held:
+        n = len(predictions[condition])
+        observed = truth.sample(condition, n, PATIENT, dose=[1.0] * len(condition.split("+")), seed=seed + 7)
+        scores[condition] = cf.metrics.energy_distance(predictions[condition], observed)
+    scores["mean"] = float(np.mean([scores[c] for c in held]))
+    return scores
+
+
+def noise_floor_and_mean_shift(train, source, truth, held, seed) -> dict[str, float]:
+    model = cf.ResponseModel(train, rep="X", covariate_keys=("patient",), method="mean_shift").fit()
+    shifted = {c: model.predict(source, c, covariates={"patient": PATIENT}).X for c in held}
+    fresh = {c: truth.sample(c, source.n_obs, PATIENT, dose=[1.0] * len(c.split("+")), seed=seed + 99) for c in held}
+    return {"mean_shift": held_out_energy(shifted, truth, held, seed)["mean"],
+            "noise_floor": held_out_energy(fresh, truth, held, seed)["mean"]}
+
+
+# --------------------------------------------------------------------------------------------
+# this library
+# --------------------------------------------------------------------------------------------
+def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        f(a).block_until_ready()
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def n_parameters(model: cf.ResponseModel) -> int:
+    return int(sum(np.size(leaf) for leaf in jax.tree.leaves(model.state_.params)))
+
+
+def ours(train, options: dict, steps: int, batch_size: int, seed: int) -> tuple[cf.ResponseModel, float]:
+    model = cf.ResponseModel(train, rep="X", covariate_keys=("patient",), method="flow_matching", **options)
+    start = time.perf_counter()
+    model.fit(steps=steps, batch_size=batch_size, seed=seed, progress=False)
+    return model, time.perf_counter() - start
+
+
+def our_predictions(model, source, conditions) -> tuple[dict[str, np.ndarray], float, float]:
+    def predict():
+        start = time.perf_counter()
+        out = {c: model.predict(source, c, covariates={"patient": PATIENT}).X for c in conditions}
+        return out, time.perf_counter() - start
+
+    predictions, cold = predict()
+    _, warm = predict()
+    return predictions, cold, warm
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=500, help="timed steps at equal architecture")
+    parser.add_argument("--warmup-steps", type=int, default=20)
+    parser.add_argument("--width", type=int, default=128)
+    parser.add_argument("--depth", type=int, default=3)
+    parser.add_argument("--token-dim", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--cells", type=int, default=1000, help="source cells per predicted condition")
+    parser.add_argument("--default-steps", type=int, default=30, help="steps of CellFlow's default network")
+    parser.add_argument("--default-cells", type=int, default=100, help="cells per condition predicted by it")
+    parser.add_argument("--our-default-steps", type=int, nargs="+", default=[100, 250, 500, 1000, 2000])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--venv", type=Path, default=DEFAULT_VENV)
+    args = parser.parse_args()
+
+    python = ensure_venv(args.venv)
+    peak = matmul_peak_gflops()
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        train, source, truth, held, conditions = make_data(args.seed, workdir, args.cells)
+        reference = noise_floor_and_mean_shift(train, source, truth, held, args.seed)
+        common = ["--data", str(workdir / "train.h5ad"), "--predict", str(workdir / "predict.h5ad"),
+                  "--batch-size", str(args.batch_size)]
+
+        # equal architecture and batch, one condition per step (CellFlow's way); 10 conditions predicted
+        theirs = run_driver(python, workdir, "equal", [
+            *common, "--conditions", *conditions, "--cells", str(args.cells), "--width", str(args.width),
+            "--depth", str(args.depth), "--token-dim", str(args.token_dim), "--steps", str(args.steps),
+            "--warmup-steps", str(args.warmup_steps),
+        ])
+        options = dict(width=args.width, depth=args.depth, token_dim=args.token_dim, context_dim=args.token_dim,
+                       conditions_per_step=1, chunk=args.warmup_steps)
+        model, _ = ours(train, options, args.warmup_steps + args.steps, args.batch_size, args.seed)
+        # the first chunk (warm-up steps) includes compilation; time the rest from the history
+        history = model.history_
+        our_rate = (history["step"].iloc[-1] - history["step"].iloc[0]) / (history["seconds"].iloc[-1] - history["seconds"].iloc[0])
+        our_parameters = n_parameters(model)
+        predictions, cold, warm = our_predictions(model, source, conditions)
+
+        def side(n_params, rate, arrays):
+            return {"n_parameters": n_params, "steps_per_second": rate,
+                    "gflops_per_second": 6 * n_params * args.batch_size * rate / 1e9,
+                    "held_out_energy_distance": held_out_energy(arrays, truth, held, args.seed)}
+
+        equal = {
+            "steps": args.steps, "batch_size": args.batch_size,
+            "ours": side(our_parameters, our_rate, predictions),
+            "cellflow_tools": side(theirs["n_parameters"], theirs["steps_per_second"], theirs["arrays"]),
+            "steps_per_second_ratio": our_rate / theirs["steps_per_second"],
+        }
+        prediction = {
+            "conditions": len(conditions), "cells": args.cells,
+            "cellflow_tools_seconds": theirs["predict_seconds"],
+            "ours_seconds_cold": cold, "ours_seconds_warm": warm,
+            "ratio_cold": theirs["predict_seconds"] / cold, "ratio_warm": theirs["predict_seconds"] / warm,
+        }
+
+        # each library's defaults: CellFlow's 70 M-parameter network against our defaults
+        theirs_default = run_driver(python, workdir, "defaults", [
+            *common, "--conditions", *held, "--cells", str(args.default_cells), "--defaults",
+            "--steps", str(args.default_steps), "--warmup-steps", "1",
+        ])
+        their_energy = held_out_energy(theirs_default["arrays"], truth, held, args.seed)["mean"]
+        their_wall = theirs_default["setup_seconds"] + theirs_default["train_seconds"]
+        small_source = source[: args.default_cells]
+        ladder = []
+        for steps in args.our_default_steps:
+            model, seconds = ours(train, {}, steps, None, args.seed)
+            predictions, _, _ = our_predictions(model, small_source, held)
+            ladder.append({"steps": steps, "fit_seconds": seconds,
+                           "held_out_energy_distance": held_out_energy(predictions, truth, held, args.seed)["mean"]})
+        reached = next((row for row in ladder if row["held_out_energy_distance"] <= their_energy), None)
+        defaults = {
+            "cellflow_tools": {"steps": args.default_steps, "n_parameters": theirs_default["n_parameters"],
+                               "setup_and_train_seconds": their_wall, "held_out_energy_distance": their_energy,
+                               "predict_seconds": theirs_default["predict_seconds"], "cells": args.default_cells},
+            "ours": ladder,
+            "ours_first_to_reach": reached,
+            "wall_time_ratio": None if reached is None else their_wall / reached["fit_seconds"],
+        }
+
+    print(json.dumps({
+        "benchmark": "vs_cellflow_tools",
+        "device": str(jax.devices()[0]),
+        "cellflow_tools_version": theirs.get("cellflow_tools_version"),
+        "matmul_peak_gflops": peak,
+        "held_out": held,
+        "reference_energy_distance": reference,
+        "equal_architecture": equal,
+        "prediction_10_conditions": prediction,
+        "defaults": defaults,
+    }, indent=1, default=float))
+
+
+if __name__ == "__main__":
+    main()
