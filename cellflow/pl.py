@@ -1,4 +1,4 @@
-"""Plots: predicted vs observed cells, metric bars, training curves (matplotlib)."""
+"""Plots: predicted vs observed cells, metric bars, training curves, profile retrieval (matplotlib)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pandas as pd
 from cellflow._errors import CellflowKeyError, format_choices
 from cellflow.data import get_representation
 
-__all__ = ["embedding", "metric_bars", "training_curve"]
+__all__ = ["embedding", "metric_bars", "retrieval", "training_curve"]
 
 
 def _axes(ax):
@@ -126,4 +126,53 @@ def training_curve(history: pd.DataFrame, *, columns: Sequence[str] | None = Non
     if log:
         ax.set_yscale("log")
     ax.legend(frameon=False)
+    return ax
+
+
+def retrieval(
+    scores: pd.DataFrame,
+    *,
+    shuffled: np.ndarray | None = None,
+    ax=None,
+    title: str | None = None,
+):
+    """Mean average precision per label (e.g. per mechanism of action), with chance beside.
+
+    Parameters
+    ----------
+    scores
+        Per-query table of :func:`cellflow.metrics.retrieval_scores` (columns ``label``,
+        ``average_precision``, ``n_positives``, ``n_candidates``).
+    shuffled
+        Optional mAPs of :func:`cellflow.metrics.map_retrieval_shuffled`, drawn as a band.
+    ax
+        Matplotlib axes; a new figure when ``None``.
+
+    Returns
+    -------
+    The axes. Bars are each label's mean AP; ticks mark each label's chance level (mean of
+    ``n_positives / n_candidates``); the dashed line is the overall mAP.
+    """
+    missing = [c for c in ("label", "average_precision", "n_positives", "n_candidates") if c not in scores.columns]
+    if missing:
+        raise CellflowKeyError(
+            f"scores lacks columns {missing}; pass the table of cellflow.metrics.retrieval_scores "
+            f"(columns present: {format_choices(scores.columns)})."
+        )
+    ax = _axes(ax)
+    per_label = scores.assign(chance=scores.n_positives / scores.n_candidates).groupby("label")[["average_precision", "chance"]].mean()
+    per_label = per_label.sort_values("average_precision")
+    y = np.arange(len(per_label))
+    ax.barh(y, per_label["average_precision"], color="tab:blue", label="mean AP")
+    ax.scatter(per_label["chance"], y, marker="|", s=200, color="black", label="chance", zorder=3)
+    ax.axvline(scores["average_precision"].mean(), color="tab:blue", linestyle="--", label="mAP")
+    if shuffled is not None and len(shuffled):
+        low, high = np.percentile(shuffled, [2.5, 97.5])
+        ax.axvspan(low, high, color="grey", alpha=0.3, label="shuffled labels (95%)")
+    ax.set_yticks(y, per_label.index)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("average precision")
+    ax.legend(loc="lower right", fontsize="small")
+    if title:
+        ax.set_title(title)
     return ax

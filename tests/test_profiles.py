@@ -257,6 +257,15 @@ def test_map_retrieval_by_hand():
     assert cf.metrics.map_retrieval(adata, "moa", exclude="DMSO", average="label") == pytest.approx(
         scores.groupby("label").average_precision.mean().mean()
     )
+    import matplotlib
+
+    matplotlib.use("Agg")
+    ax = cf.pl.retrieval(scores, shuffled=np.array([0.3, 0.4, 0.5]))
+    assert [t.get_text() for t in ax.get_yticklabels()] == sorted(
+        ["X", "Y"], key=lambda label: scores.groupby("label").average_precision.mean()[label]
+    )
+    with pytest.raises(CellflowKeyError, match="average_precision"):
+        cf.pl.retrieval(scores.drop(columns="average_precision"))
     with pytest.raises(CellflowKeyError, match="'dmso'"):
         cf.metrics.map_retrieval(adata, "moa", exclude=("dmso",))
     with pytest.raises(CellflowKeyError, match="'MoA'"):
