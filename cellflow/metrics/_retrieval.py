@@ -478,7 +478,9 @@ def phenotypic_activity(
     For each replicate profile of a treatment, the other replicates are the positives and the
     control profiles the negatives; the treatment's mAP is compared with that of random
     rankings (``null_size`` permutations) for a p-value, corrected over treatments with
-    Benjamini-Hochberg.
+    Benjamini-Hochberg. The ``mean_average_precision`` column is the replicate reproducibility
+    against controls (copairs' phenotypic-activity mAP); :func:`replicate_reproducibility` ranks
+    replicates against the other treatments instead.
 
     Parameters
     ----------
