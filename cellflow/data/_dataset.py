@@ -31,8 +31,8 @@ ALL_CONTROLS = "<all controls>"
 
 
 def check_obs_column(adata: ad.AnnData, key: str, argument: str) -> None:
-    """Raise :class:`CellflowKeyError` if ``key`` is not an ``obs`` column."""
-    if key not in adata.obs.columns:
+    """Raise :class:`CellflowKeyError` if ``key`` is not (the string name of) an ``obs`` column."""
+    if not isinstance(key, str) or key not in adata.obs.columns:
         raise CellflowKeyError(
             f"{argument}={key!r} is not a column of adata.obs; valid choices: {format_choices(adata.obs.columns)}."
         )

@@ -161,7 +161,7 @@ class FlowMatching(Method):
             pooling=options["pooling"],
             film=options["conditioning"] == "film",
             dropout_rate=float(options["dropout"]),
-            centre=options.get("centre", False),
+            centre=options["centre"],
             rngs=nnx.Rngs(seed),
         )
 

@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from cellflow._errors import CellflowKeyError, CellflowValueError, format_choices
+from cellflow.data._dataset import check_obs_column
 from cellflow.data._representation import get_representation
 
 __all__ = [
@@ -171,11 +172,8 @@ def _columns(value: str | Sequence[str], name: str) -> list[str]:
 
 
 def _check_columns(adata: ad.AnnData, columns: Sequence[str], name: str) -> None:
-    missing = [c for c in columns if c not in adata.obs.columns]
-    if missing:
-        raise CellflowKeyError(
-            f"{name}={missing[0]!r} is not a column of adata.obs; valid choices: {format_choices(adata.obs.columns)}."
-        )
+    for column in columns:
+        check_obs_column(adata, column, name)
 
 
 def _labels(adata: ad.AnnData, columns: Sequence[str]) -> np.ndarray:
