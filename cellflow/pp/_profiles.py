@@ -25,7 +25,8 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from cellflow._errors import CellflowKeyError, CellflowValueError, format_choices
+from cellflow._errors import CellflowValueError, format_choices
+from cellflow.data._dataset import check_obs_column
 from cellflow.data._representation import get_representation
 
 __all__ = ["NORMALIZATION_METHODS", "normalize_plates", "select_features", "aggregate"]
@@ -35,11 +36,6 @@ NORMALIZATION_METHODS: tuple[str, ...] = ("robust_z", "z", "tvn", "sphering")
 
 # 1.4826 * MAD estimates the standard deviation of a normal distribution
 _MAD_TO_STD = 1.4826
-
-
-def _check_column(adata: ad.AnnData, key: Any, name: str) -> None:
-    if not isinstance(key, str) or key not in adata.obs.columns:
-        raise CellflowKeyError(f"{name}={key!r} is not a column of adata.obs; valid choices: {format_choices(adata.obs.columns)}.")
 
 
 def _control_mask(adata: ad.AnnData, perturbation_key: str, control: Any) -> np.ndarray:
@@ -149,10 +145,10 @@ def normalize_plates(
     """
     if method not in NORMALIZATION_METHODS:
         raise CellflowValueError(f"method={method!r} is not supported; valid choices: {format_choices(NORMALIZATION_METHODS)}.")
-    _check_column(adata, perturbation_key, "perturbation_key")
+    check_obs_column(adata, perturbation_key, "perturbation_key")
     plate_wise = method in ("robust_z", "z", "tvn")
     if plate_wise:
-        _check_column(adata, plate_key, "plate_key")
+        check_obs_column(adata, plate_key, "plate_key")
     for name, value in (("scale_floor", scale_floor), ("regularization", regularization)):
         if not np.isfinite(value) or value < 0:
             raise CellflowValueError(f"{name} must be a finite number >= 0, got {value!r}.")
@@ -162,9 +158,9 @@ def normalize_plates(
     values = get_representation(adata, rep, dtype=np.float64)
 
     # features with no spread over the controls cannot be scaled against them
-    _, global_scale = _centre_scale(values[is_control], robust=method != "z")
-    _, global_std = _centre_scale(values[is_control], robust=False)
-    keep = (global_scale > 0) | ((method == "sphering") & (global_std > 0))
+    robust = method in ("robust_z", "tvn")
+    _, global_scale = _centre_scale(values[is_control], robust=robust)
+    keep = global_scale > 0
     if not keep.any():
         raise CellflowValueError(f"every feature of rep={rep!r} is constant over the control rows; nothing to normalise.")
     values, global_scale = values[:, keep], global_scale[keep]
@@ -181,7 +177,7 @@ def normalize_plates(
         out = np.empty_like(values)
         for plate in dict.fromkeys(plates):
             rows = plates == plate
-            centre, scale = _centre_scale(values[rows & is_control], robust=method != "z")
+            centre, scale = _centre_scale(values[rows & is_control], robust=robust)
             scale = np.maximum(scale, scale_floor * global_scale)
             out[rows] = (values[rows] - centre) / np.where(scale > 0, scale, 1.0)
         values = out
@@ -327,23 +323,20 @@ def aggregate(
     if not columns:
         raise CellflowValueError("by must name at least one obs column.")
     for column in columns:
-        _check_column(adata, column, "by")
+        check_obs_column(adata, column, "by")
     values = get_representation(adata, rep, dtype=np.float64)
     obs = adata.obs.reset_index(drop=True)
-    grouped = obs.groupby(columns, sort=False, observed=True, dropna=False)
-    codes = grouped.ngroup().to_numpy()
-    n_groups = int(codes.max()) + 1
+    # codes number the groups in order of first appearance, so group g starts at first_rows[g]
+    codes = obs.groupby(columns, sort=False, observed=True, dropna=False).ngroup().to_numpy()
+    _, first_rows = np.unique(codes, return_index=True)
+    n_groups = first_rows.size
     out = np.empty((n_groups, values.shape[1]))
     for g in range(n_groups):
         rows = values[codes == g]
         out[g] = np.median(rows, axis=0) if method == "median" else rows.mean(axis=0)
-    first = obs.groupby(codes, sort=True).head(1).sort_index()
-    first = first.set_index(codes[first.index]).sort_index()
-    constant = [
-        c for c in obs.columns
-        if c not in columns and (obs.groupby(codes)[c].nunique(dropna=False) <= 1).all()
-    ]
-    new_obs = first[columns + constant].copy()
+    distinct = obs.groupby(codes).nunique(dropna=False)
+    constant = [c for c in obs.columns if c not in columns and (distinct[c] <= 1).all()]
+    new_obs = obs.iloc[first_rows][columns + constant].reset_index(drop=True)
     for column in columns + constant:
         if isinstance(adata.obs[column].dtype, pd.CategoricalDtype):
             new_obs[column] = pd.Categorical(new_obs[column], categories=adata.obs[column].cat.categories)
