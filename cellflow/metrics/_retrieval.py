@@ -79,15 +79,22 @@ def _similarity_block(queries: np.ndarray, profiles: np.ndarray, similarity: str
     return queries @ profiles.T
 
 
+def _rank(scores: np.ndarray, candidate: np.ndarray) -> np.ndarray:
+    """Column order of each row by decreasing score, candidates first."""
+    ranked = np.where(candidate, scores, -np.inf)
+    # stable sort on the negated score: ties keep profile order, so results are reproducible
+    return np.argsort(-ranked, axis=1, kind="stable")
+
+
 def _ranked_average_precision(
-    scores: np.ndarray, positive: np.ndarray, candidate: np.ndarray, k: np.ndarray | None = None
+    order: np.ndarray, positive: np.ndarray, candidate: np.ndarray, k: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """AP of each row, ranking only its candidates by decreasing score.
+    """AP of each row, given the ranking of its candidates.
 
     Parameters
     ----------
-    scores
-        Similarities, shape ``(q, n)``.
+    order
+        Ranking of :func:`_rank`, shape ``(q, n)``.
     positive, candidate
         Boolean masks of shape ``(q, n)``; positives must be candidates.
     k
@@ -99,13 +106,9 @@ def _ranked_average_precision(
     ap, n_positive, n_candidate, precision_at_k
         Arrays of shape ``(q,)``; ``ap`` is NaN for rows without positives.
     """
-    positive = positive & candidate
-    ranked = np.where(candidate, scores, -np.inf)
-    # stable sort on the negated score: ties keep profile order, so results are reproducible
-    order = np.argsort(-ranked, axis=1, kind="stable")
-    hits = np.take_along_axis(positive, order, axis=1)
+    hits = np.take_along_axis(positive & candidate, order, axis=1)
     cumulative = np.cumsum(hits, axis=1)
-    ranks = np.arange(1, scores.shape[1] + 1)[None, :]
+    ranks = np.arange(1, order.shape[1] + 1)[None, :]
     n_pos = hits.sum(axis=1)
     n_cand = candidate.sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -136,7 +139,8 @@ def average_precision(scores: Any, positive: Any) -> float:
         raise CellflowValueError(
             f"average_precision: scores and positive must be 1-d of one length, got shapes {scores.shape} and {positive.shape}."
         )
-    ap, *_ = _ranked_average_precision(scores[None], positive[None], np.ones_like(positive)[None])
+    candidate = np.ones_like(positive)[None]
+    ap, *_ = _ranked_average_precision(_rank(scores[None], candidate), positive[None], candidate)
     return float(ap[0])
 
 
@@ -193,23 +197,30 @@ def _as_set(values: Any) -> set[str]:
 def _query_rows(
     x: np.ndarray,
     similarity: str,
-    positive_fn,
+    positive_fns,
     candidate_fn,
     queries: np.ndarray,
     k: np.ndarray | None,
-) -> tuple[np.ndarray, ...]:
-    """Blocked AP for the rows ``queries``; ``*_fn(rows) -> (len(rows), n)`` boolean masks."""
+) -> list[tuple[np.ndarray, ...]]:
+    """Blocked AP for the rows ``queries``, one result per function of ``positive_fns``.
+
+    ``*_fn(rows) -> (len(rows), n)`` boolean masks. Similarities and rankings depend only on
+    the candidates, so they are computed once per block whatever the number of positive masks
+    (the label permutations of :func:`map_retrieval_shuffled`).
+    """
     profiles = _prepare_profiles(x, similarity)
-    out = [np.empty(queries.size) for _ in range(4)]
+    out = [[np.empty(queries.size) for _ in range(4)] for _ in positive_fns]
     for start in range(0, queries.size, _ROW_BLOCK):
         rows = queries[start : start + _ROW_BLOCK]
-        scores = _similarity_block(profiles[rows], profiles, similarity)
         candidate = candidate_fn(rows)
         candidate[np.arange(rows.size), rows] = False  # a query never retrieves itself
+        order = _rank(_similarity_block(profiles[rows], profiles, similarity), candidate)
         block_k = None if k is None else k[start : start + _ROW_BLOCK]
-        for target, values in zip(out, _ranked_average_precision(scores, positive_fn(rows), candidate, block_k), strict=True):
-            target[start : start + rows.size] = values
-    return tuple(out)
+        for targets, positive_fn in zip(out, positive_fns, strict=True):
+            values = _ranked_average_precision(order, positive_fn(rows), candidate, block_k)
+            for target, value in zip(targets, values, strict=True):
+                target[start : start + rows.size] = value
+    return [tuple(targets) for targets in out]
 
 
 def _profiles(adata: ad.AnnData, rep: str) -> np.ndarray:
@@ -222,6 +233,49 @@ def _profiles(adata: ad.AnnData, rep: str) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 # label retrieval (mechanism of action)
 # --------------------------------------------------------------------------------------------
+def _label_retrieval_setup(adata, label_key, rep, exclude, exclude_same, similarity):
+    """Validated profiles, labels, query rows and candidate rule of label retrieval."""
+    _check_similarity(similarity)
+    _check_columns(adata, [label_key], "label_key")
+    same_columns = [] if exclude_same is None else _columns(exclude_same, "exclude_same")
+    _check_columns(adata, same_columns, "exclude_same")
+    labels = adata.obs[label_key].astype(str).to_numpy()
+    excluded = _as_set(exclude)
+    unknown = excluded - set(labels)
+    if unknown:
+        raise CellflowKeyError(
+            f"exclude={sorted(unknown)} not found in adata.obs[{label_key!r}]; values present: "
+            f"{format_choices(sorted(set(labels)))}. Pass exclude=() if there is nothing to leave out."
+        )
+    x = _profiles(adata, rep)
+    kept = ~np.isin(labels, list(excluded))
+    groups = _labels(adata, same_columns) if same_columns else None
+
+    def candidate(rows: np.ndarray) -> np.ndarray:
+        mask = np.broadcast_to(kept, (rows.size, kept.size)).copy()
+        if groups is not None:
+            mask &= groups[rows][:, None] != groups[None, :]
+        return mask
+
+    return x, labels, np.flatnonzero(kept), candidate
+
+
+def _mean_average_precision(ap: np.ndarray, labels: np.ndarray, average: str) -> float:
+    """mAP over queries with a positive (``ap`` not NaN), by query or by label."""
+    found = ~np.isnan(ap)
+    if not found.any():
+        return float("nan")
+    if average == "label":
+        return float(pd.Series(ap[found]).groupby(labels[found]).mean().mean())
+    return float(ap[found].mean())
+
+
+def _check_average(average: str) -> None:
+    averages = ("query", "label")
+    if average not in averages:
+        raise CellflowValueError(f"average={average!r} is not supported; valid choices: {format_choices(averages)}.")
+
+
 def retrieval_scores(
     adata: ad.AnnData,
     label_key: str = "moa",
@@ -260,36 +314,15 @@ def retrieval_scores(
         Indexed by the query's ``obs_names``: ``label``, ``n_positives``, ``n_candidates``,
         ``average_precision`` and ``precision_at_k``. Queries without any positive are dropped.
     """
-    _check_similarity(similarity)
-    _check_columns(adata, [label_key], "label_key")
-    same_columns = [] if exclude_same is None else _columns(exclude_same, "exclude_same")
-    _check_columns(adata, same_columns, "exclude_same")
     if k is not None and (isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1):
         raise CellflowValueError(f"k must be a positive integer or None, got {k!r}.")
-    labels = adata.obs[label_key].astype(str).to_numpy()
-    excluded = _as_set(exclude)
-    unknown = excluded - set(labels)
-    if unknown:
-        raise CellflowKeyError(
-            f"exclude={sorted(unknown)} not found in adata.obs[{label_key!r}]; values present: "
-            f"{format_choices(sorted(set(labels)))}. Pass exclude=() if there is nothing to leave out."
-        )
-    x = _profiles(adata, rep)
-    kept = ~np.isin(labels, list(excluded))
-    queries = np.flatnonzero(kept)
-    groups = _labels(adata, same_columns) if same_columns else None
+    x, labels, queries, candidate = _label_retrieval_setup(adata, label_key, rep, exclude, exclude_same, similarity)
 
     def positive(rows: np.ndarray) -> np.ndarray:
         return labels[rows][:, None] == labels[None, :]
 
-    def candidate(rows: np.ndarray) -> np.ndarray:
-        mask = np.broadcast_to(kept, (rows.size, kept.size)).copy()
-        if groups is not None:
-            mask &= groups[rows][:, None] != groups[None, :]
-        return mask
-
     per_query_k = None if k is None else np.full(queries.size, int(k))
-    ap, n_pos, n_cand, precision = _query_rows(x, similarity, positive, candidate, queries, per_query_k)
+    [(ap, n_pos, n_cand, precision)] = _query_rows(x, similarity, [positive], candidate, queries, per_query_k)
     frame = pd.DataFrame(
         {
             "label": labels[queries],
@@ -335,17 +368,9 @@ def map_retrieval(
     >>> profiles = cf.pp.aggregate(cf.pp.normalize_plates(wells), by=["compound", "concentration"])
     >>> cf.metrics.map_retrieval(profiles, label_key="moa", exclude=("DMSO",), exclude_same="compound")
     """
-    averages = ("query", "label")
-    if average not in averages:
-        raise CellflowValueError(f"average={average!r} is not supported; valid choices: {format_choices(averages)}.")
-    scores = retrieval_scores(
-        adata, label_key, rep, exclude, exclude_same=exclude_same, similarity=similarity
-    )
-    if scores.empty:
-        return float("nan")
-    if average == "label":
-        return float(scores.groupby("label")["average_precision"].mean().mean())
-    return float(scores["average_precision"].mean())
+    _check_average(average)
+    scores = retrieval_scores(adata, label_key, rep, exclude, exclude_same=exclude_same, similarity=similarity)
+    return _mean_average_precision(scores["average_precision"].to_numpy(), scores["label"].to_numpy(), average)
 
 
 def map_retrieval_shuffled(
@@ -373,26 +398,25 @@ def map_retrieval_shuffled(
     """
     if isinstance(n_permutations, bool) or not isinstance(n_permutations, int | np.integer) or n_permutations < 1:
         raise CellflowValueError(f"n_permutations must be a positive integer, got {n_permutations!r}.")
-    _check_columns(adata, [label_key], "label_key")
-    rng = np.random.default_rng(seed)
-    labels = adata.obs[label_key].astype(str).to_numpy()
-    kept = np.flatnonzero(~np.isin(labels, list(_as_set(exclude))))
+    _check_average(average)
+    x, labels, queries, candidate = _label_retrieval_setup(adata, label_key, rep, exclude, exclude_same, similarity)
     same_columns = [] if exclude_same is None else _columns(exclude_same, "exclude_same")
-    _check_columns(adata, same_columns, "exclude_same")
-    groups = _labels(adata, same_columns)[kept] if same_columns else np.arange(kept.size).astype(str)
+    groups = _labels(adata, same_columns)[queries] if same_columns else np.arange(queries.size).astype(str)
     unique_groups, first = np.unique(groups, return_index=True)
-    group_labels = labels[kept][first]
-    results = np.empty(n_permutations)
-    shuffled = adata.copy()
-    for i in range(n_permutations):
+    group_labels = labels[queries][first]
+    rng = np.random.default_rng(seed)
+    labelings = []
+    for _ in range(n_permutations):
         mapping = dict(zip(unique_groups, rng.permutation(group_labels), strict=True))
         permuted = labels.copy()
-        permuted[kept] = [mapping[g] for g in groups]
-        shuffled.obs[label_key] = permuted
-        results[i] = map_retrieval(
-            shuffled, label_key, rep, exclude, exclude_same=exclude_same, similarity=similarity, average=average
-        )
-    return results
+        permuted[queries] = [mapping[g] for g in groups]
+        labelings.append(permuted)
+    positive_fns = [lambda rows, labels=permuted: labels[rows][:, None] == labels[None, :] for permuted in labelings]
+    results = _query_rows(x, similarity, positive_fns, candidate, queries, None)
+    return np.array([
+        _mean_average_precision(ap, permuted[queries], average)
+        for (ap, *_), permuted in zip(results, labelings, strict=True)
+    ])
 
 
 # --------------------------------------------------------------------------------------------
@@ -427,7 +451,7 @@ def _replicate_map(
     def candidate(rows: np.ndarray) -> np.ndarray:
         return positive(rows) | negatives_fn(rows)
 
-    ap, n_pos, n_cand, _ = _query_rows(x, similarity, positive, candidate, queries, None)
+    [(ap, n_pos, n_cand, _)] = _query_rows(x, similarity, [positive], candidate, queries, None)
     rng = np.random.default_rng(seed)
     null_cache: dict[tuple[int, int], np.ndarray] = {}
     rows = []
