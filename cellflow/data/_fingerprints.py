@@ -75,9 +75,10 @@ def morgan_fingerprints(
     items = dict(smiles.items()) if isinstance(smiles, pd.Series) else dict(smiles)
     if not items:
         raise CellflowValueError("smiles is empty; give {perturbation name: SMILES}.")
-    for name, value in (("radius", radius), ("n_bits", n_bits)):
-        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < (0 if name == "radius" else 1):
-            raise CellflowValueError(f"{name} must be a {'non-negative' if name == 'radius' else 'positive'} integer, got {value!r}.")
+    if isinstance(radius, bool) or not isinstance(radius, int | np.integer) or radius < 0:
+        raise CellflowValueError(f"radius must be a non-negative integer, got {radius!r}.")
+    if isinstance(n_bits, bool) or not isinstance(n_bits, int | np.integer) or n_bits < 1:
+        raise CellflowValueError(f"n_bits must be a positive integer, got {n_bits!r}.")
     Chem, RDLogger, rdFingerprintGenerator = _rdkit()
     generator = rdFingerprintGenerator.GetMorganGenerator(
         radius=int(radius), fpSize=int(n_bits), includeChirality=include_chirality
