@@ -12,7 +12,8 @@ Tasks (see ../shared/data/README.md for provenance):
   three doses; predict them from DMSO wells.
 
     python experiments/run.py [--tasks kang_patient scgen_cd4t bbbc021_dose]
-                              [--methods identity mean_shift gaussian_ot flow_matching] [--seeds 0 1 2]
+                              [--methods identity mean_shift gaussian_ot flow_matching neural_ot
+                                         neural_ot:map=per_condition] [--seeds 0 1 2]
                               [--steps N] [--option key=value ...] [--data ../shared/data] [--out results.csv]
 
 Prints a table per task and, at the end, one JSON object with every figure.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -128,22 +130,36 @@ def score_case(task: Task, pred: ad.AnnData, case: dict) -> dict:
 BASELINES = ("identity", "mean_shift", "gaussian_ot")
 
 
+def method_spec(text: str) -> tuple[str, dict]:
+    """``"neural_ot:map=per_condition,init=identity"`` -> ``("neural_ot", {"map": "per_condition", ...})``."""
+    from cellflow.cli import _key_values
+
+    name, _, rest = text.partition(":")
+    parts = re.split(r",(?=[A-Za-z_]\w*=)", rest)  # commas inside values such as [64,64] stay
+    return name, _key_values([part for part in parts if part], f"--methods {text}")
+
+
 def run(tasks, methods, seeds, data: Path, options: dict | None = None, steps: int | None = None) -> pd.DataFrame:
-    """Fit every method on every task and seed; ``options`` and ``steps`` go to learned methods."""
+    """Fit every method on every task and seed; ``options`` and ``steps`` go to learned methods.
+
+    A method may carry its own options after a colon, e.g. ``"neural_ot:map=per_condition"``;
+    results are labelled with the whole string.
+    """
     rows = []
     for name in tasks:
         task = TASKS[name](data)
-        for method in methods:
+        for label in methods:
+            method, own = method_spec(label)
             for seed in seeds:
                 start = time.perf_counter()
-                extra = {} if method in BASELINES else (options or {})
+                extra = {} if method in BASELINES else {**(options or {}), **own}
                 model = cf.ResponseModel(task.train, method=method, **task.model_args, **extra)
                 model.fit(steps=None if method in BASELINES else steps, seed=seed, progress=False)
                 fit_seconds = time.perf_counter() - start
                 for case in task.cases:
                     pred = model.predict(case["source"], case["perturbation"], dose=case["dose"], seed=seed)
                     rows.append({
-                        "task": name, "method": method, "seed": seed, "condition": case["perturbation"],
+                        "task": name, "method": label, "seed": seed, "condition": case["perturbation"],
                         "fit_seconds": fit_seconds, **score_case(task, pred, case),
                     })
     return pd.DataFrame(rows)

@@ -6,13 +6,14 @@ from cellflow._errors import CellflowKeyError, format_choices
 from cellflow.methods._base import Method, Option
 from cellflow.methods._baselines import GaussianOT, Identity, MeanShift
 from cellflow.methods._flow_matching import FlowMatching
+from cellflow.methods._neural_ot import NeuralOT
 
 __all__ = ["Method", "Option", "METHODS", "PLANNED_METHODS", "get_method", "register_method"]
 
 METHODS: dict[str, Method] = {}
 
 # Part of the public API contract, not yet implemented in this release.
-PLANNED_METHODS = ("schrodinger_bridge", "neural_ot", "diffusion")
+PLANNED_METHODS = ("schrodinger_bridge", "diffusion")
 
 
 def register_method(method: Method) -> Method:
@@ -33,5 +34,5 @@ def get_method(name: str) -> Method:
     raise CellflowKeyError(f"method={name!r} is unknown; valid choices: {format_choices(METHODS)}.")
 
 
-for _method in (Identity(), MeanShift(), GaussianOT(), FlowMatching()):
+for _method in (Identity(), MeanShift(), GaussianOT(), FlowMatching(), NeuralOT()):
     register_method(_method)

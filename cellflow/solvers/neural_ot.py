@@ -1,0 +1,524 @@
+"""Neural optimal transport, array level: Monge maps from control to treated cells.
+
+Two estimators of the map ``T`` that pushes a control population onto a treated one:
+
+* **Per-condition ICNN duals (CellOT, Makkuva et al. 2020).** For each condition, a pair of
+  input-convex potentials from ott-jax (:class:`ott.neural.networks.icnn.ICNN`): ``f`` with
+  ``T = grad f`` and ``g`` with ``grad g`` its inverse, trained on the W2 Kantorovich dual by
+  the min-max of :class:`ott.neural.methods.neuraldual.W2NeuralDual` (``inner_steps`` updates of
+  ``g`` per update of ``f``, the conjugate amortised by ``g``). Both start from the Gaussian
+  (Bures) map between the two populations or from the identity. Every condition trains at
+  once: parameters are stacked on a leading axis and the ott step functions are ``vmap``-ped.
+  Cells are expressed relative to the condition's source mean and divided by one scalar scale,
+  which leaves the OT map unchanged (translation and isotropic scaling commute with it).
+* **A conditional Monge map (CondOT-style, Uscidda & Cuturi 2023).** One network for all
+  conditions, ``T(x | c) = x + D(x | c)``, where ``D`` is the additive-by-member field of
+  :class:`cellflow.nn.ResponseField` evaluated at ``t = 0`` (the condition and population
+  encoders shared with flow matching). It is trained to push each source batch onto its target
+  batch (Sinkhorn divergence, or regression onto the barycentric projection of the entropic OT
+  plan) while staying a Monge map (the entropic Monge gap ``E|x - T x|^2 - OT_eps(x, T x)``, as
+  in :func:`ott.neural.methods.monge_gap.monge_gap_from_samples`, as regulariser), so held-out
+  doses, combinations, cell types and patients are predicted by the same network. Each entropic
+  OT term is solved by ott-jax Sinkhorn on frozen points and enters the loss as ``<P, C>``
+  (envelope theorem), so no gradient flows through the Sinkhorn iterations.
+
+Everything here is a pure function of PyTrees; both ``make_*_train_chunk`` return one jitted
+function running ``chunk`` steps with ``lax.scan`` (sampling included).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import linen, nnx
+from ott.geometry import pointcloud
+from ott.neural.methods import neuraldual
+from ott.neural.networks import icnn, potentials
+from ott.problems.linear import linear_problem
+from ott.solvers.linear import acceleration, sinkhorn
+
+from cellflow.data import ConditionArrays, TrainingArrays, sample_batches
+from cellflow.nn import ResponseField
+from cellflow.train import TrainState, ema_update
+
+__all__ = [
+    "DualConfig",
+    "DualData",
+    "MongeMapConfig",
+    "dual_potentials",
+    "init_dual_state",
+    "init_duals",
+    "init_map_state",
+    "make_dual_train_chunk",
+    "make_map_train_chunk",
+    "map_cells",
+    "map_losses",
+    "push_map",
+    "transport",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Conditional Monge map
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MongeMapConfig:
+    """Static hyper-parameters of the conditional map (hashable: part of the jit cache key).
+
+    Attributes
+    ----------
+    batch_size
+        Source and target cells per condition per step.
+    conditions_per_step
+        Treated groups per step.
+    epsilon
+        Entropic regularisation of the Sinkhorn divergence and of the Monge gap, relative to the
+        source batch's mean squared pairwise distance.
+    monge_gap
+        Weight of the Monge-gap regulariser (0 gives a plain distribution-matching map).
+    fit
+        ``"sinkhorn_divergence"``: push each source batch onto its target batch (Sinkhorn
+        divergence of the mapped cells to the target). ``"barycentric"``: regress the
+        barycentric projection of the entropic OT plan between the source and target batches
+        (Seguy et al. 2018), a per-cell target like flow matching's.
+    ema_decay
+        EMA decay of the weights used to predict.
+    covariate_dropout
+        Probability of hiding a covariate value in training (teaches the "unknown" slot).
+    """
+
+    batch_size: int = 128
+    conditions_per_step: int = 8
+    epsilon: float = 0.05
+    monge_gap: float = 1.0
+    fit: str = "sinkhorn_divergence"
+    ema_decay: float = 0.999
+    covariate_dropout: float = 0.1
+
+
+def map_cells(model: ResponseField, x: jax.Array, encoded, key: jax.Array | None = None) -> jax.Array:
+    """``T(x | c) = x + D(x | c)`` for cells ``x`` ``(B, d)`` and an encoded condition."""
+    return x + model(jnp.zeros(()), x, encoded, key)
+
+
+def map_losses(
+    model: ResponseField,
+    source: jax.Array,
+    target: jax.Array,
+    condition: ConditionArrays,
+    key: jax.Array,
+    config: MongeMapConfig,
+) -> tuple[jax.Array, jax.Array]:
+    """Per-condition fitting loss and Monge gap of the map on a stack of batches.
+
+    Parameters
+    ----------
+    model
+        The map network.
+    source, target
+        ``(G, B, d)`` control and treated cells of ``G`` conditions.
+    condition
+        The conditions (leading axis ``G``).
+    key
+        Training randomness (covariate dropout, dropout).
+    config
+        Hyper-parameters.
+
+    Returns
+    -------
+    ``(fit, gap)``, each ``(G,)`` in units of squared distance: the Sinkhorn divergence of the
+    mapped batch to the target (without its constant ``-OT(y, y) / 2`` term, which does not
+    depend on the map) and the entropic Monge gap ``E|x - T(x)|^2 - OT(x, T(x))``.
+    """
+
+    def map_one(condition, source, key):
+        key_encode, key_field = jax.random.split(key)
+        encoded = model.encode(condition, source, key_encode, config.covariate_dropout)
+        return map_cells(model, source, encoded, key_field)
+
+    mapped = jax.vmap(map_one)(condition, source, jax.random.split(key, source.shape[0]))
+    # Every entropic OT term is solved on frozen points and enters the loss as <P, C>: by the
+    # envelope theorem its gradient in the points equals that of the regularised OT cost, so no
+    # gradient flows through Sinkhorn. lax.map, not vmap: each solve stops at its own
+    # convergence, and the network above stays batched over conditions.
+    solves = jax.lax.map(lambda args: _frozen_solves(*args, config), (source, mapped, target))
+    fit_plans, self_plans, gap_plans, fit_values, gap_values = solves
+    if config.fit == "barycentric":
+        fit_surrogate = jax.vmap(_plan_cost)(fit_plans, mapped, target)
+    else:
+        fit_surrogate = jax.vmap(_plan_cost)(fit_plans, mapped, target) - 0.5 * jax.vmap(_plan_cost)(self_plans, mapped, mapped)
+    fit = jax.lax.stop_gradient(fit_values - fit_surrogate) + fit_surrogate
+    if config.monge_gap == 0:
+        return fit, jnp.zeros_like(fit)
+    displacement = jnp.mean(jnp.sum((mapped - source) ** 2, axis=-1), axis=-1)
+    gap_surrogate = displacement - jax.vmap(_plan_cost)(gap_plans, source, mapped)
+    gap = jax.lax.stop_gradient(displacement - gap_values - gap_surrogate) + gap_surrogate
+    return fit, gap
+
+
+def _frozen_solves(source: jax.Array, mapped: jax.Array, target: jax.Array, config: MongeMapConfig):
+    """Plans and values of the fitting loss's OT problems and (for the Monge gap) of OT(x, T x).
+
+    ``fit="sinkhorn_divergence"``: OT(T x, y) and OT(T x, T x). ``fit="barycentric"``: the plan
+    of OT(x, y) between the source and target batches, whose barycentric projection the map
+    regresses (Seguy et al. 2018); its value is the plan's cost of the mapped cells.
+    """
+    # epsilon is relative to the spread of the source batch (its mean squared pairwise distance),
+    # not to the mean cost of each pair of clouds: that cost grows with the displacement, and a
+    # blur that grows with it biases the Monge gap towards maps that move less.
+    epsilon = config.epsilon * 2.0 * jnp.sum(jnp.var(jax.lax.stop_gradient(source), axis=0))
+    if config.fit == "barycentric":
+        xy = _finite_plan(_solve(source, target, epsilon))
+        xx = jnp.zeros_like(xy)
+        fit = _plan_cost(xy, mapped, target)
+    else:
+        xy_out, xx_out = _solve(mapped, target, epsilon), _solve(mapped, mapped, epsilon)
+        xy, xx = _finite_plan(xy_out), _finite_plan(xx_out)
+        fit = xy_out.reg_ot_cost - 0.5 * xx_out.reg_ot_cost
+    if config.monge_gap == 0:
+        return xy, xx, jnp.zeros_like(xy), fit, jnp.zeros(())
+    coupling = _solve(source, mapped, epsilon)
+    return xy, xx, _finite_plan(coupling), fit, coupling.ent_reg_cost
+
+
+def _finite_plan(output) -> jax.Array:
+    """The plan, or the independent coupling if Sinkhorn diverged (a NaN plan would poison the weights)."""
+    plan = output.matrix
+    independent = jnp.full_like(plan, 1.0 / plan.size)
+    return jnp.where(jnp.all(jnp.isfinite(plan)), plan, independent)
+
+
+def _solve(x: jax.Array, y: jax.Array, epsilon: jax.Array):
+    """ott Sinkhorn between frozen copies of two point clouds (squared Euclidean cost, absolute epsilon)."""
+    geometry = pointcloud.PointCloud(jax.lax.stop_gradient(x), jax.lax.stop_gradient(y), epsilon=epsilon)
+    # Only plans' gradients are used, so a 1 % marginal error is plenty; adaptive momentum
+    # (Lehmann et al.) halves the iterations that dominate a CPU step.
+    solver = sinkhorn.Sinkhorn(threshold=1e-2, max_iterations=1000, momentum=acceleration.Momentum(start=20, inner_iterations=10))
+    return solver(linear_problem.LinearProblem(geometry))
+
+
+def _plan_cost(plan: jax.Array, x: jax.Array, y: jax.Array) -> jax.Array:
+    """``<P, C(x, y)>`` with the plan ``P`` held fixed (differentiable in ``x``, ``y``)."""
+    plan = jax.lax.stop_gradient(plan)
+    cost = jnp.sum(x**2, 1)[:, None] + jnp.sum(y**2, 1)[None, :] - 2.0 * x @ y.T
+    return jnp.sum(plan * cost)
+
+
+def make_map_train_chunk(
+    graphdef: Any,
+    optimizer: optax.GradientTransformation,
+    arrays: TrainingArrays,
+    config: MongeMapConfig,
+    chunk: int,
+):
+    """A jitted ``state -> (state, {"loss", "fit", "monge_gap": (chunk,)})`` of ``chunk`` steps."""
+
+    def loss_fn(params, batch, key):
+        model = nnx.merge(graphdef, params)
+        fit, gap = map_losses(model, batch.source, batch.target, batch.condition, key, config)
+        fit, gap = fit.mean(), gap.mean()
+        return fit + config.monge_gap * gap, (fit, gap)
+
+    def step(state: TrainState, _):
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
+        key_batch, key_loss = jax.random.split(key)
+        batch = sample_batches(arrays, key_batch, config.batch_size, config.conditions_per_step)
+        (loss, (fit, gap)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key_loss)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = ema_update(state.ema, params, config.ema_decay, state.step)
+        return TrainState(params, ema, opt_state, state.step + 1, state.key), (loss, fit, gap)
+
+    @jax.jit
+    def train_chunk(state: TrainState):
+        state, (loss, fit, gap) = jax.lax.scan(step, state, None, length=chunk)
+        return state, {"loss": loss, "fit": fit, "monge_gap": gap}
+
+    return train_chunk
+
+
+def init_map_state(params: Any, optimizer: optax.GradientTransformation, key: jax.Array) -> TrainState:
+    """A fresh :class:`TrainState` for the conditional map's parameters (an ``nnx.State``)."""
+    return TrainState(
+        params=params,
+        ema=jax.tree.map(jnp.copy, params),
+        opt_state=optimizer.init(params),
+        step=jnp.zeros((), jnp.int32),
+        key=jax.random.key_data(key),
+    )
+
+
+@jax.jit
+def _push_map(graphdef, params, x, condition, population):
+    model = nnx.merge(graphdef, params)
+    return map_cells(model, x, model.encode(condition, population))
+
+
+def push_map(graphdef: Any, params: Any, x: jax.Array, condition: ConditionArrays, population: jax.Array) -> jax.Array:
+    """Map source cells ``x`` ``(n, d)`` under ``condition``; ``population`` ``(N, d)`` feeds the encoder."""
+    return _push_map(graphdef, params, x, condition, population)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-condition ICNN duals
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DualConfig:
+    """Static hyper-parameters of the per-condition ICNN duals.
+
+    Attributes
+    ----------
+    hidden
+        Hidden widths of both ICNNs.
+    batch_size
+        Source and target cells per condition per step.
+    inner_steps
+        Updates of the conjugate potential ``g`` per update of ``f``.
+    init
+        ``"gaussian"`` (start at the Bures map between the Gaussian fits of the two populations)
+        or ``"identity"``.
+    init_scale
+        Standard deviation of the ICNN hidden weights at initialisation; small, so the network
+        starts close to its quadratic (Gaussian or identity) part.
+    ema_decay
+        EMA decay of the weights used to predict.
+    """
+
+    hidden: tuple[int, ...] = (64, 64, 64, 64)
+    batch_size: int = 256
+    inner_steps: int = 5
+    init: str = "gaussian"
+    init_scale: float = 0.01
+    ema_decay: float = 0.99
+
+
+class DualData(NamedTuple):
+    """Normalised cells of every condition, for in-jit sampling.
+
+    Attributes
+    ----------
+    cells
+        ``(n, d)`` all cells, each expressed in its own condition's coordinates.
+    source_start, source_size, target_start, target_size
+        ``(C,)`` slices of ``cells`` holding each condition's control and treated cells.
+    shift
+        ``(C, d)`` origin of each condition's coordinates (its source mean).
+    scale
+        ``(C,)`` each condition's length unit (root of the source's mean total variance).
+    """
+
+    cells: jax.Array
+    source_start: jax.Array
+    source_size: jax.Array
+    target_start: jax.Array
+    target_size: jax.Array
+    shift: jax.Array
+    scale: jax.Array
+
+
+def _potential(dim: int, config: DualConfig, samples: tuple[jax.Array, jax.Array]) -> icnn.ICNN:
+    return icnn.ICNN(
+        dim_data=dim,
+        dim_hidden=list(config.hidden),
+        pos_weights=True,
+        init_fn=linen.initializers.normal(config.init_scale),
+        gaussian_map_samples=samples,
+    )
+
+
+def init_duals(
+    key: jax.Array, sources: Sequence[np.ndarray], targets: Sequence[np.ndarray], config: DualConfig
+) -> tuple[DualData, dict[str, Any]]:
+    """Normalise each condition's cells and initialise its pair of potentials.
+
+    Parameters
+    ----------
+    key
+        Initialisation key.
+    sources, targets
+        Per condition, ``(n_c, d)`` control cells and ``(m_c, d)`` treated cells.
+    config
+        Hyper-parameters.
+
+    Returns
+    -------
+    ``(data, params)``: the :class:`DualData` and ``{"f": ..., "g": ...}`` ICNN parameters
+    stacked over conditions (leading axis ``C``).
+    """
+    shifts, scales, blocks, f_params, g_params = [], [], [], [], []
+    for index, (source, target) in enumerate(zip(sources, targets)):
+        source, target = np.asarray(source, np.float32), np.asarray(target, np.float32)
+        shift = source.mean(axis=0)
+        scale = float(np.sqrt(max(np.mean((source - shift) ** 2), 1e-12)))
+        x, y = (source - shift) / scale, (target - shift) / scale
+        shifts.append(shift)
+        scales.append(scale)
+        blocks += [x, y]
+        key_f, key_g = jax.random.split(jax.random.fold_in(key, index))
+        pairs = ((x, y), (y, x)) if config.init == "gaussian" else ((x, x), (y, y))
+        dim = x.shape[1]
+        f_params.append(_potential(dim, config, _subsample(*pairs[0])).init(key_f, jnp.zeros((1, dim)))["params"])
+        g_params.append(_potential(dim, config, _subsample(*pairs[1])).init(key_g, jnp.zeros((1, dim)))["params"])
+    sizes = np.array([len(block) for block in blocks])
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    data = DualData(
+        cells=jnp.asarray(np.concatenate(blocks)),
+        source_start=jnp.asarray(starts[0::2], jnp.int32),
+        source_size=jnp.asarray(sizes[0::2], jnp.int32),
+        target_start=jnp.asarray(starts[1::2], jnp.int32),
+        target_size=jnp.asarray(sizes[1::2], jnp.int32),
+        shift=jnp.asarray(np.stack(shifts)),
+        scale=jnp.asarray(np.array(scales, np.float32)),
+    )
+    stack = lambda trees: jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
+    return data, {"f": stack(f_params), "g": stack(g_params)}
+
+
+def _subsample(x: np.ndarray, y: np.ndarray, n: int = 10_000) -> tuple[jax.Array, jax.Array]:
+    """At most ``n`` cells of each side for the Gaussian fit (deterministic: the first ones)."""
+    return jnp.asarray(x[:n]), jnp.asarray(y[:n])
+
+
+def _template(dim: int, config: DualConfig) -> icnn.ICNN:
+    """An ICNN with the parameter structure of the initialised ones (its samples are not used)."""
+    dummy = jnp.eye(dim + 1, dim)
+    return _potential(dim, config, (dummy, dummy))
+
+
+def make_dual_train_chunk(data: DualData, optimizer: optax.GradientTransformation, config: DualConfig, chunk: int):
+    """A jitted ``state -> (state, {"loss", "w2": (chunk,)})`` running ``chunk`` steps of every dual.
+
+    ``state.params`` is ``{"f": ..., "g": ...}`` stacked over conditions. The losses are
+    ott-jax's (:meth:`W2NeuralDual.get_step_fn`): ``g`` minimises ``f(grad g(y)) - <grad g(y), y>``
+    and ``f`` the dual ``E f(x) + E[<grad g(y), y> - f(grad g(y))]``. ``loss`` is the dual
+    objective and ``w2`` ott's estimate of the squared W2 distance (normalised units), both
+    averaged over conditions.
+    """
+    dim = data.cells.shape[1]
+    template = _template(dim, config)
+    dual = neuraldual.W2NeuralDual(
+        dim,
+        neural_f=template,
+        neural_g=template,
+        optimizer_f=optimizer,
+        optimizer_g=optimizer,
+        num_inner_iters=config.inner_steps,
+        conjugate_solver=None,
+        amortization_loss="objective",
+        parallel_updates=False,
+        pos_weights=True,
+        rng=jax.random.key(0),
+    )
+    step_f = dual.get_step_fn(train=True, to_optimize="f")
+    step_g = dual.get_step_fn(train=True, to_optimize="g")
+
+    def train_state(params, opt_state, step):
+        return potentials.PotentialTrainState(
+            step=step,
+            apply_fn=template.apply,
+            params=params,
+            tx=optimizer,
+            opt_state=opt_state,
+            potential_value_fn=template.potential_value_fn,
+            potential_gradient_fn=template.potential_gradient_fn,
+        )
+
+    def draw(key, start, size):
+        return data.cells[start + jax.random.randint(key, (config.batch_size,), 0, size)]
+
+    def condition_step(params, opt_state, step, key, source_start, source_size, target_start, target_size):
+        def batch(k):
+            k_source, k_target = jax.random.split(k)
+            return {"source": draw(k_source, source_start, source_size), "target": draw(k_target, target_start, target_size)}
+
+        state_f = train_state(params["f"], opt_state["f"], step)
+        state_g = train_state(params["g"], opt_state["g"], step)
+        keys = jax.random.split(key, config.inner_steps + 1)
+
+        def inner(state_g, k):
+            state_g, _, _ = step_g(state_f, state_g, batch(k))
+            return state_g, None
+
+        state_g, _ = jax.lax.scan(inner, state_g, keys[:-1])
+        state_f, loss, w2 = step_f(state_f, state_g, batch(keys[-1]))
+        return (
+            {"f": state_f.params, "g": state_g.params},
+            {"f": state_f.opt_state, "g": state_g.opt_state},
+            loss,
+            w2,
+        )
+
+    def step(state: TrainState, _):
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
+        n_conditions = data.source_start.shape[0]
+        params, opt_state, loss, w2 = jax.vmap(condition_step, in_axes=(0, 0, None, 0, 0, 0, 0, 0))(
+            state.params,
+            state.opt_state,
+            state.step,
+            jax.random.split(key, n_conditions),
+            data.source_start,
+            data.source_size,
+            data.target_start,
+            data.target_size,
+        )
+        ema = ema_update(state.ema, params, config.ema_decay, state.step)
+        return TrainState(params, ema, opt_state, state.step + 1, state.key), (loss.mean(), w2.mean())
+
+    @jax.jit
+    def train_chunk(state: TrainState):
+        state, (loss, w2) = jax.lax.scan(step, state, None, length=chunk)
+        return state, {"loss": loss, "w2": w2}
+
+    return train_chunk
+
+
+def init_dual_state(params: dict[str, Any], optimizer: optax.GradientTransformation, key: jax.Array) -> TrainState:
+    """A fresh :class:`TrainState` for stacked dual parameters (one optimiser state per condition)."""
+    opt_state = {name: jax.vmap(optimizer.init)(p) for name, p in params.items()}
+    return TrainState(
+        params=params,
+        ema=jax.tree.map(jnp.copy, params),
+        opt_state=opt_state,
+        step=jnp.zeros((), jnp.int32),
+        key=jax.random.key_data(key),
+    )
+
+
+def dual_potentials(dim: int, config: DualConfig) -> icnn.ICNN:
+    """The ICNN module whose parameters :func:`init_duals` stacks (to evaluate a potential)."""
+    return _template(dim, config)
+
+
+def transport(params_f: Any, data_shift: jax.Array, data_scale: jax.Array, x: jax.Array, config: DualConfig) -> jax.Array:
+    """``T(x) = grad f(x)`` of one condition's potential, in the original coordinates.
+
+    Parameters
+    ----------
+    params_f
+        The condition's ``f`` parameters (unstacked).
+    data_shift, data_scale
+        The condition's ``(d,)`` origin and scalar unit (:class:`DualData`).
+    x
+        ``(n, d)`` source cells.
+    config
+        Hyper-parameters (the ICNN's structure).
+
+    Returns
+    -------
+    ``(n, d)`` transported cells.
+    """
+    return _transport(params_f, data_shift, data_scale, x, config)
+
+
+@partial(jax.jit, static_argnums=(4,))
+def _transport(params_f, shift, scale, x, config):
+    potential = _template(x.shape[1], config)
+    gradient = jax.vmap(jax.grad(lambda z: potential.apply({"params": params_f}, z)))
+    return shift + scale * gradient((x - shift) / scale)
