@@ -60,8 +60,8 @@ class ResponseModel:
         the training data make unseen perturbations predictable by methods that use embeddings.
     method
         One of the registered methods (see ``cellflow.methods.METHODS``): ``"identity"``,
-        ``"mean_shift"``, ``"gaussian_ot"``; the learned methods of the API contract
-        (``"flow_matching"``, ``"schrodinger_bridge"``, ``"neural_ot"``, ``"diffusion"``) raise a
+        ``"mean_shift"``, ``"gaussian_ot"``, ``"flow_matching"``, ``"neural_ot"``; the other
+        learned methods of the API contract (``"schrodinger_bridge"``, ``"diffusion"``) raise a
         clear error until they are available.
     **options
         Method hyper-parameters, validated against the method's documented options.
