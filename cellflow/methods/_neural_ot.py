@@ -88,7 +88,9 @@ class NeuralOT(Method):
     Defaults: 2,000 steps. For the conditional map, 8 conditions x 128 cells per step, width
     128, depth 3, Sinkhorn epsilon 0.05 of the mean cost, Monge-gap weight 1. For the
     per-condition maps, every condition at each step with 256 cells, ICNN widths [64]*4, 5
-    conjugate updates per potential update, Adam(0.5, 0.9) at 1e-3.
+    conjugate updates per potential update, Adam(0.5, 0.9) at 1e-3. Measured on 2 CPU cores with
+    50-d PCA (Kang 2018): about 3 minutes for the conditional map, about 27 minutes for the
+    per-condition ICNNs (which start at the Bures map, so a few hundred steps often suffice).
     """
 
     name = "neural_ot"
