@@ -149,21 +149,7 @@ class FlowMatching(Method):
 
     def build(self, spec: DataSpec, embedding_dim: int, options: Mapping[str, Any], seed: int = 0) -> ResponseField:
         """The untrained module for data described by ``spec``."""
-        return ResponseField(
-            spec.n_features,
-            embedding_dim,
-            tuple(len(v) for v in spec.covariate_values.values()),
-            width=options["width"],
-            depth=options["depth"],
-            token_dim=options["token_dim"],
-            context_dim=options["context_dim"],
-            population=options["population_encoder"],
-            pooling=options["pooling"],
-            film=options["conditioning"] == "film",
-            dropout_rate=float(options["dropout"]),
-            centre=options["centre"],
-            rngs=nnx.Rngs(seed),
-        )
+        return build_response_field(spec, embedding_dim, options, seed)
 
     # -- fit ----------------------------------------------------------------------------------
     def fit(self, data: PerturbationData, embeddings: EmbeddingTable, options, *, steps, batch_size, seed, progress, resume=False):
@@ -237,8 +223,7 @@ class FlowMatching(Method):
 
     # -- persistence --------------------------------------------------------------------------
     def state_to_arrays(self, state: FlowMatchingState) -> dict[str, np.ndarray]:
-        leaves, _ = jax.tree_util.tree_flatten_with_path(state.params)
-        arrays = {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
+        arrays = params_to_arrays(state.params)
         if state.prior is not None:
             arrays["prior/offset"] = np.asarray(state.prior.offset)
             if state.prior.linear is not None:
@@ -247,13 +232,45 @@ class FlowMatching(Method):
 
     def state_from_arrays(self, arrays, spec, options, embeddings) -> FlowMatchingState:
         graphdef, template = nnx.split(self.build(spec, embeddings.dim, options))
-        leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
-        params = jax.tree_util.tree_unflatten(treedef, [jnp.asarray(arrays[jax.tree_util.keystr(p)]) for p, _ in leaves])
+        params = params_from_arrays(arrays, template)
         prior = None
         if "prior/offset" in arrays:
             linear = arrays.get("prior/linear")
             prior = baselines.AffineResponse(jnp.asarray(arrays["prior/offset"]), None if linear is None else jnp.asarray(linear))
         return FlowMatchingState(graphdef, params, pd.DataFrame(), prior)
+
+
+def build_response_field(spec: DataSpec, embedding_dim: int, options: Mapping[str, Any], seed: int = 0) -> ResponseField:
+    """A :class:`ResponseField` sized for ``spec`` from the architecture options shared by the
+    methods built on it (``width``, ``depth``, ``token_dim``, ``context_dim``,
+    ``population_encoder``, ``pooling``, ``conditioning``, ``dropout``, ``centre``)."""
+    return ResponseField(
+        spec.n_features,
+        embedding_dim,
+        tuple(len(v) for v in spec.covariate_values.values()),
+        width=options["width"],
+        depth=options["depth"],
+        token_dim=options["token_dim"],
+        context_dim=options["context_dim"],
+        population=options["population_encoder"],
+        pooling=options["pooling"],
+        film=options["conditioning"] == "film",
+        dropout_rate=float(options["dropout"]),
+        centre=options["centre"],
+        rngs=nnx.Rngs(seed),
+    )
+
+
+def params_to_arrays(params: Any) -> dict[str, np.ndarray]:
+    """Flatten a parameter PyTree into ``{key path: array}`` for saving."""
+    leaves, _ = jax.tree_util.tree_flatten_with_path(params)
+    return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
+
+
+def params_from_arrays(arrays: Mapping[str, np.ndarray], template: Any) -> Any:
+    """Inverse of :func:`params_to_arrays`, shaped like ``template``."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
+    return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(arrays[jax.tree_util.keystr(p)]) for p, _ in leaves])
 
 
 def _bucket(n: int) -> int:

@@ -31,8 +31,12 @@ from cellflow.methods._flow_matching import (
     _optional_path,
     _positive_int,
     _split_validation,
+    build_response_field,
+    params_from_arrays,
+    params_to_arrays,
 )
 from cellflow.nn import ResponseField
+from cellflow.solvers import flow_matching as fm
 from cellflow.solvers import neural_ot
 from cellflow.solvers.flow_matching import energy_distance
 from cellflow.train import make_optimizer, run_training
@@ -161,21 +165,7 @@ class NeuralOT(Method):
 
     def build(self, spec: DataSpec, embedding_dim: int, options: Mapping[str, Any], seed: int = 0) -> ResponseField:
         """The untrained conditional map network for data described by ``spec``."""
-        return ResponseField(
-            spec.n_features,
-            embedding_dim,
-            tuple(len(v) for v in spec.covariate_values.values()),
-            width=options["width"],
-            depth=options["depth"],
-            token_dim=options["token_dim"],
-            context_dim=options["context_dim"],
-            population=options["population_encoder"],
-            pooling=options["pooling"],
-            film=options["conditioning"] == "film",
-            dropout_rate=float(options["dropout"]),
-            centre=options["centre"],
-            rngs=nnx.Rngs(seed),
-        )
+        return build_response_field(spec, embedding_dim, options, seed)
 
     def fit(self, data: PerturbationData, embeddings: EmbeddingTable, options, *, steps, batch_size, seed, progress, resume=False):
         steps = steps or self.default_steps
@@ -193,8 +183,7 @@ class NeuralOT(Method):
         key = jax.random.key(seed)
         model = self.build(data.spec, embeddings.dim, options, seed)
         optimizer = make_optimizer(options["learning_rate"], steps, warmup=options["warmup"], weight_decay=options["weight_decay"])
-        graphdef, params = nnx.split(model)
-        state = neural_ot.init_map_state(params, optimizer, key)
+        graphdef, state = fm.init_state(model, optimizer, key)
         train_chunk = neural_ot.make_map_train_chunk(graphdef, optimizer, arrays, config, options["chunk"])
         evaluate = None
         if validation is not None:
@@ -272,9 +261,7 @@ class NeuralOT(Method):
 
     # -- persistence --------------------------------------------------------------------------
     def state_to_arrays(self, state) -> dict[str, np.ndarray]:
-        tree = state.params_f if isinstance(state, DualMapsState) else state.params
-        leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-        arrays = {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
+        arrays = params_to_arrays(state.params_f if isinstance(state, DualMapsState) else state.params)
         if isinstance(state, DualMapsState):
             arrays["dual/shift"] = np.asarray(state.shift)
             arrays["dual/scale"] = np.asarray(state.scale)
@@ -286,13 +273,10 @@ class NeuralOT(Method):
             config = self._dual_config(options, 1)
             template = neural_ot.dual_potentials(spec.n_features, config)
             shapes = jax.eval_shape(lambda: template.init(jax.random.key(0), jnp.zeros((1, spec.n_features)))["params"])
-            leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
-            params = jax.tree_util.tree_unflatten(treedef, [jnp.asarray(arrays[jax.tree_util.keystr(p)]) for p, _ in leaves])
+            params = params_from_arrays(arrays, shapes)
             return DualMapsState(params, jnp.asarray(arrays["dual/shift"]), jnp.asarray(arrays["dual/scale"]), conditions, pd.DataFrame())
         graphdef, template = nnx.split(self.build(spec, embeddings.dim, options))
-        leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
-        params = jax.tree_util.tree_unflatten(treedef, [jnp.asarray(arrays[jax.tree_util.keystr(p)]) for p, _ in leaves])
-        return ConditionalMapState(graphdef, params, pd.DataFrame())
+        return ConditionalMapState(graphdef, params_from_arrays(arrays, template), pd.DataFrame())
 
 
 def _map_validation_scorer(graphdef, validation: PerturbationData, embeddings, spec, batch_size, rng, max_groups: int = 32):

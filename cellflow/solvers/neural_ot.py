@@ -55,7 +55,6 @@ __all__ = [
     "dual_potentials",
     "init_dual_state",
     "init_duals",
-    "init_map_state",
     "make_dual_train_chunk",
     "make_map_train_chunk",
     "map_cells",
@@ -242,17 +241,6 @@ def make_map_train_chunk(
         return state, {"loss": loss, "fit": fit, "monge_gap": gap}
 
     return train_chunk
-
-
-def init_map_state(params: Any, optimizer: optax.GradientTransformation, key: jax.Array) -> TrainState:
-    """A fresh :class:`TrainState` for the conditional map's parameters (an ``nnx.State``)."""
-    return TrainState(
-        params=params,
-        ema=jax.tree.map(jnp.copy, params),
-        opt_state=optimizer.init(params),
-        step=jnp.zeros((), jnp.int32),
-        key=jax.random.key_data(key),
-    )
 
 
 @jax.jit
