@@ -44,6 +44,8 @@ def _train(args) -> int:
         control=args.control,
         dose_key=args.dose_key,
         covariate_keys=tuple(args.covariate_key or ()),
+        time_key=args.time_key,
+        pair_key=args.pair_key,
         method=args.method,
         **_key_values(args.option, "--option"),
     )
@@ -64,7 +66,8 @@ def _predict(args) -> int:
     if doses is not None and len(doses) == 1:
         doses = doses[0]
     pred = model.predict(
-        source, args.perturbation, dose=doses, covariates=_key_values(args.covariate, "--covariate") or None, seed=args.seed
+        source, args.perturbation, dose=doses, covariates=_key_values(args.covariate, "--covariate") or None, seed=args.seed,
+        time=args.time
     )
     pred.write_h5ad(args.out)
     print(f"wrote {pred.n_obs} predicted cells to {args.out}")
@@ -105,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--control", default="control")
     train.add_argument("--dose-key", default=None)
     train.add_argument("--covariate-key", action="append", help="repeat for several covariates")
+    train.add_argument("--time-key", default=None, help="numeric obs column of measurement times (time courses)")
+    train.add_argument("--pair-key", default=None, help="obs column naming each treated cell's control partner")
     train.add_argument("--option", action="append", help="method option as key=value (repeatable)")
     train.add_argument("--steps", type=int, default=None)
     train.add_argument("--batch-size", type=int, default=None)
@@ -121,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--covariate", action="append", help="key=value applied to every source cell")
     predict.add_argument("--source-control", action="store_true", help="use only the control cells of SOURCE")
     predict.add_argument("--seed", type=int, default=0)
+    predict.add_argument("--time", type=float, nargs="+", default=None, help="time(s) to predict (models fitted with --time-key)")
     predict.add_argument("--out", required=True, help="output .h5ad")
     predict.set_defaults(func=_predict)
 

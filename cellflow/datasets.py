@@ -72,7 +72,7 @@ import pandas as pd
 
 from cellflow._errors import CellflowKeyError, CellflowValueError, format_choices
 
-__all__ = ["SyntheticTruth", "synthetic", "read", "format_dose", "CONTROL", "SUPPORTED_SUFFIXES"]
+__all__ = ["SyntheticTruth", "synthetic", "time_course", "read", "format_dose", "CONTROL", "SUPPORTED_SUFFIXES"]
 
 #: Name of the untreated condition in ``obs["condition"]``.
 CONTROL = "control"
@@ -1005,3 +1005,73 @@ def read(
     embedded.obsm[obsm_key] = np.asarray(adata.X)
     embedded.uns["feature_names"] = [str(v) for v in adata.var_names]
     return embedded
+
+
+def time_course(
+    n_cells: int = 500,
+    n_features: int = 8,
+    times: Sequence[float] = (0.0, 1.0, 2.0),
+    *,
+    angle: float = np.pi,
+    radius: float = 4.0,
+    noise: float = 0.3,
+    seed: int = 0,
+) -> ad.AnnData:
+    """A time course with a known, curved path: cells rotate about a centre while diffusing.
+
+    At time ``t`` (of ``times``; the first is the controls') a cell is
+    ``c + R(angle * u) (x0 - c) + noise * W_u`` with ``u = (t - t_0) / (t_last - t_0)``,
+    ``x0 ~ N(0, I)`` shifted by ``radius`` from the centre ``c`` along the first axis, ``R`` the
+    rotation in the plane of the first two features and ``W`` a Brownian motion. With the
+    default half turn the mean travels along a semicircle, so the straight-line (displacement)
+    interpolation of the end populations misses every intermediate snapshot. Every snapshot is
+    an independent draw, as in a destructive measurement.
+
+    Parameters
+    ----------
+    n_cells
+        Cells per snapshot.
+    n_features
+        Dimension (>= 2).
+    times
+        Increasing measurement times; the first snapshot holds the controls.
+    angle
+        Total rotation over the time course, in radians.
+    radius
+        Distance of the control population's mean from the centre of rotation.
+    noise
+        Brownian noise per unit of the rescaled time ``u``.
+    seed
+        Seed.
+
+    Returns
+    -------
+    AnnData with ``obsm["X_pca"]`` (and ``X``), ``obs["condition"]`` (``"control"`` for the first
+    snapshot, ``"drug"`` after) and ``obs["time"]`` (float).
+    """
+    n_cells = _check_positive_int(n_cells, "n_cells")
+    n_features = _check_positive_int(n_features, "n_features")
+    if n_features < 2:
+        raise CellflowValueError(f"n_features={n_features} must be >= 2 (the rotation acts on the first two features).")
+    times = np.asarray(times, np.float64)
+    if times.ndim != 1 or len(times) < 2 or (np.diff(times) <= 0).any():
+        raise CellflowValueError(f"times={times.tolist()} must be at least two increasing numbers.")
+    rng = _rng(_check_seed(seed), "time_course")
+    centre = np.zeros(n_features)
+    blocks, labels, stamps = [], [], []
+    for i, t in enumerate(times):
+        u = (t - times[0]) / (times[-1] - times[0])
+        x0 = rng.normal(size=(n_cells, n_features))
+        x0[:, 0] += radius
+        cos, sin = np.cos(angle * u), np.sin(angle * u)
+        x = x0.copy()
+        x[:, 0], x[:, 1] = cos * x0[:, 0] - sin * x0[:, 1], sin * x0[:, 0] + cos * x0[:, 1]
+        x = centre + x + noise * np.sqrt(u) * rng.normal(size=x.shape)
+        blocks.append(x)
+        labels += [CONTROL if i == 0 else "drug"] * n_cells
+        stamps += [float(t)] * n_cells
+    cells = np.vstack(blocks).astype(np.float32)
+    obs = pd.DataFrame({"condition": pd.Categorical(labels), "time": stamps}, index=[f"cell{i}" for i in range(len(labels))])
+    adata = ad.AnnData(X=cells, obs=obs)
+    adata.obsm["X_pca"] = cells.copy()
+    return adata

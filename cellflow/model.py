@@ -60,9 +60,19 @@ class ResponseModel:
         the training data make unseen perturbations predictable by methods that use embeddings.
     method
         One of the registered methods (see ``cellflow.methods.METHODS``): ``"identity"``,
-        ``"mean_shift"``, ``"gaussian_ot"``, ``"flow_matching"``, ``"neural_ot"``; the other
-        learned methods of the API contract (``"schrodinger_bridge"``, ``"diffusion"``) raise a
-        clear error until they are available.
+        ``"mean_shift"``, ``"gaussian_ot"``, ``"flow_matching"``, ``"neural_ot"``,
+        ``"schrodinger_bridge"``, ``"diffusion"``.
+    time_key
+        Optional numeric ``obs`` column of measurement times (hours, days). The controls are the
+        start of the process (at the earliest control time) and the treated cells of a condition
+        form one snapshot per time; the method fits one process through all snapshots, and
+        :meth:`predict` takes ``time=`` (measured or not, a list gives trajectories). Supported
+        by methods that model time (``"schrodinger_bridge"``).
+    pair_key
+        Optional ``obs`` column naming, for every treated cell, the ``obs_name`` of the control
+        cell it is known to descend from (lineage barcodes, repeated imaging of the same cell).
+        Methods that learn from aligned pairs (``"schrodinger_bridge"``, then an SBAlign-style
+        bridge through the known pairs) use it instead of an OT coupling.
     **options
         Method hyper-parameters, validated against the method's documented options.
 
@@ -83,10 +93,24 @@ class ResponseModel:
         covariate_keys: Sequence[str] = (),
         perturbation_embeddings: Mapping[str, Sequence[float]] | pd.DataFrame | None = None,
         method: str = "flow_matching",
+        time_key: str | None = None,
+        pair_key: str | None = None,
         **options: Any,
     ) -> None:
         self.method = method
         self._method = get_method(method)
+        if time_key is not None and not self._method.supports_time:
+            timed = [name for name, m in METHODS.items() if m.supports_time]
+            raise CellflowValueError(
+                f"method={method!r} does not model time, so time_key={time_key!r} cannot be used; methods that do: "
+                f"{format_choices(timed)}."
+            )
+        if pair_key is not None and not self._method.supports_pairs:
+            paired = [name for name, m in METHODS.items() if m.supports_pairs]
+            raise CellflowValueError(
+                f"method={method!r} does not learn from known pairs, so pair_key={pair_key!r} cannot be used; methods "
+                f"that do: {format_choices(paired)}."
+            )
         self.options = self._method.validate_options(options)
         self._data = prepare(
             adata,
@@ -95,6 +119,8 @@ class ResponseModel:
             control=control,
             dose_key=dose_key,
             covariate_keys=covariate_keys,
+            time_key=time_key,
+            pair_key=pair_key,
         )
         self.spec_: DataSpec = self._data.spec
         self.embeddings_: EmbeddingTable = make_embedding_table(self.spec_.vocabulary, perturbation_embeddings)
@@ -124,7 +150,8 @@ class ResponseModel:
         return (
             f"ResponseModel(method={self.method!r}, rep={spec.rep!r}, n_features={spec.n_features}, "
             f"groups={len(spec.groups)}, perturbations={len(spec.vocabulary)}, "
-            f"covariate_keys={list(spec.covariate_keys)}, {status})"
+            f"covariate_keys={list(spec.covariate_keys)}"
+            f"{'' if spec.time_key is None else f', time_key={spec.time_key!r}'}, {status})"
         )
 
     # -- fit ----------------------------------------------------------------------------------
@@ -217,6 +244,7 @@ class ResponseModel:
         dose: float | str | Sequence[float | str] | None = None,
         covariates: Mapping[str, Any] | None = None,
         seed: int = 0,
+        time: float | Sequence[float] | None = None,
     ) -> ad.AnnData:
         """Predict the treated state of every source cell under one or several conditions.
 
@@ -234,12 +262,17 @@ class ResponseModel:
             are read per cell from ``source.obs`` when present, else treated as unknown.
         seed
             Seed of the prediction's randomness (stochastic methods).
+        time
+            Models fitted with a ``time_key`` only: the time (in ``time_key`` units) at which to
+            predict, default the latest measured time. A list gives every source cell's
+            trajectory: its position at each time along one simulated path, stacked per time
+            with ``obs[time_key]`` set (plot with :func:`cellflow.pl.trajectories`).
 
         Returns
         -------
-        AnnData with one predicted cell per source cell per condition, holding the prediction in
-        the model's ``rep`` (``X``, the layer, or ``obsm``), ``obs`` copied from the source with
-        ``obs[perturbation_key]`` (and ``obs[dose_key]``) set.
+        AnnData with one predicted cell per source cell per condition (and per time), holding
+        the prediction in the model's ``rep`` (``X``, the layer, or ``obsm``), ``obs`` copied from
+        the source with ``obs[perturbation_key]`` (and ``obs[dose_key]``, ``obs[time_key]``) set.
         """
         if not self.is_fitted:
             raise CellflowValueError("the model is not fitted; call model.fit() first.")
@@ -261,6 +294,7 @@ class ResponseModel:
         for condition in conditions:
             for member in condition.members:
                 self.embeddings_.index(member)  # raises for unknown perturbations without embedding
+        times = self._times(time)
         cell_covariates = self._source_covariates(source, covariates)
         groups: dict[tuple, list[int]] = {}
         for i, values in enumerate(cell_covariates):
@@ -269,24 +303,41 @@ class ResponseModel:
         key = jax.random.key(seed)
         blocks = []
         for c, condition in enumerate(conditions):
-            y = np.empty_like(x)
+            y = np.empty((1 if times is None else len(times), *x.shape), x.dtype)
             for g, (values, rows) in enumerate(groups.items()):
                 rows = np.asarray(rows)
-                y[rows] = self._method.predict(
-                    self.state_,
-                    self.spec_,
-                    self.embeddings_,
-                    self.options,
-                    x[rows],
-                    condition,
-                    values,
-                    jax.random.fold_in(jax.random.fold_in(key, c), g),
-                )
+                args = (self.state_, self.spec_, self.embeddings_, self.options, x[rows], condition, values)
+                group_key = jax.random.fold_in(jax.random.fold_in(key, c), g)
+                if times is None:
+                    y[0, rows] = self._method.predict(*args, group_key)
+                else:
+                    y[:, rows] = self._method.predict_path(*args, group_key, self.spec_.clock(times))
             blocks.append(y)
-        return self._assemble(source, blocks, conditions, perturbations)
+        return self._assemble(source, blocks, conditions, perturbations, times)
 
-    def _assemble(self, source, blocks, conditions, labels) -> ad.AnnData:
-        n = blocks[0].shape[0]
+    def _times(self, time) -> np.ndarray | None:
+        """Validated increasing prediction times, or ``None`` for a model without ``time_key``."""
+        time_key = self.spec_.time_key
+        if time_key is None:
+            if time is not None:
+                raise CellflowValueError(
+                    f"time={time!r} was given, but the model was built without a time_key; pass "
+                    f"time_key=<numeric obs column> to ResponseModel to fit a time course."
+                )
+            return None
+        origin, end = self.spec_.time_range
+        times = np.atleast_1d(np.asarray(end if time is None else time, np.float64))
+        if times.ndim != 1 or not np.isfinite(times).all():
+            raise CellflowValueError(f"time={time!r} must be a finite number or a list of numbers.")
+        if (times < origin).any() or (times > end).any() or (np.diff(times) <= 0).any():
+            raise CellflowValueError(
+                f"time={time!r} must be increasing and within the measured range of {time_key!r}, {origin:g} "
+                f"(the controls) to {end:g}; the process is not fitted beyond its last snapshot."
+            )
+        return times
+
+    def _assemble(self, source, blocks, conditions, labels, times=None) -> ad.AnnData:
+        n = blocks[0].shape[1]
         if isinstance(source, ad.AnnData):
             base_obs = source.obs.copy()
             names = source.obs_names.astype(str)
@@ -295,15 +346,20 @@ class ResponseModel:
             names = base_obs.index
         frames = []
         for condition, label in zip(conditions, labels):
-            obs = base_obs.copy()
-            obs[self.perturbation_key] = condition.label if not condition.is_control else self.control
-            if self.spec_.dose_key is not None:
-                obs[self.spec_.dose_key] = self._dose_value(condition)
-            obs.index = [f"{name}-{label}" for name in names]
-            frames.append(obs)
+            for t in [None] if times is None else times:
+                obs = base_obs.copy()
+                obs[self.perturbation_key] = condition.label if not condition.is_control else self.control
+                if self.spec_.dose_key is not None:
+                    obs[self.spec_.dose_key] = self._dose_value(condition)
+                suffix = ""
+                if t is not None:
+                    obs[self.spec_.time_key] = float(t)
+                    suffix = f"-{self.spec_.time_key}={t:g}" if len(times) > 1 else ""
+                obs.index = [f"{name}-{label}{suffix}" for name in names]
+                frames.append(obs)
         obs = pd.concat(frames)
         obs[self.perturbation_key] = obs[self.perturbation_key].astype("category")
-        prediction = np.concatenate(blocks).astype(np.float32)
+        prediction = np.concatenate([block.reshape(-1, block.shape[-1]) for block in blocks]).astype(np.float32)
         rep = self.rep
         if rep == "X":
             out = ad.AnnData(X=prediction, obs=obs, var=self._var())

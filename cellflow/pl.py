@@ -11,7 +11,7 @@ import pandas as pd
 from cellflow._errors import CellflowKeyError, format_choices
 from cellflow.data import get_representation
 
-__all__ = ["embedding", "metric_bars", "retrieval", "training_curve"]
+__all__ = ["embedding", "metric_bars", "retrieval", "training_curve", "trajectories"]
 
 
 def _axes(ax):
@@ -173,6 +173,72 @@ def retrieval(
     ax.set_xlim(0, 1)
     ax.set_xlabel("average precision")
     ax.legend(loc="lower right", fontsize="small")
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def trajectories(
+    predicted: ad.AnnData,
+    *,
+    time_key: str,
+    rep: str = "X",
+    observed: ad.AnnData | None = None,
+    max_cells: int = 200,
+    ax=None,
+    seed: int = 0,
+    title: str | None = None,
+):
+    """Paths of predicted cells through time on the first two principal components.
+
+    Parameters
+    ----------
+    predicted
+        The output of ``model.predict(source, perturbation, time=[t0, t1, ...])``: one row per
+        source cell per time, the same cells in the same order at every time.
+    time_key
+        The model's ``time_key`` (a column of ``predicted.obs``).
+    rep
+        Representation to read.
+    observed
+        Optional measured snapshots (with ``obs[time_key]``), scattered in the same colours.
+    max_cells
+        Paths drawn.
+    ax
+        Matplotlib axes; a new figure when ``None``.
+
+    Returns
+    -------
+    The axes.
+    """
+    import matplotlib.pyplot as plt
+
+    if time_key not in predicted.obs:
+        raise CellflowKeyError(f"time_key={time_key!r} is not a column of predicted.obs; valid choices: {format_choices(predicted.obs.columns)}.")
+    times = np.sort(predicted.obs[time_key].unique())
+    cells = get_representation(predicted, rep)
+    paths = np.stack([cells[(predicted.obs[time_key] == t).to_numpy()] for t in times], axis=1)  # (n, T, d)
+    mean = paths.reshape(-1, paths.shape[-1]).mean(axis=0)
+    _, _, vt = np.linalg.svd(paths.reshape(-1, paths.shape[-1]) - mean, full_matrices=False)
+    z = (paths - mean) @ vt[:2].T
+    rng = np.random.default_rng(seed)
+    shown = rng.choice(len(z), min(max_cells, len(z)), replace=False)
+    ax = _axes(ax)
+    colours = plt.get_cmap("viridis")(np.linspace(0, 1, len(times)))
+    for path in z[shown]:
+        ax.plot(path[:, 0], path[:, 1], color="0.6", lw=0.5, alpha=0.5)
+    for i, t in enumerate(times):
+        ax.scatter(z[shown, i, 0], z[shown, i, 1], s=5, color=colours[i], label=f"{time_key}={t:g}", rasterized=True)
+    if observed is not None:
+        measured = get_representation(observed, rep)
+        for i, t in enumerate(times):
+            at = (observed.obs[time_key] == t).to_numpy()
+            if at.any():
+                w = (measured[at][: max_cells] - mean) @ vt[:2].T
+                ax.scatter(w[:, 0], w[:, 1], s=12, marker="x", color=colours[i], alpha=0.6)
+    ax.set_xlabel("PC1")
+    ax.set_ylabel("PC2")
+    ax.legend(markerscale=3, frameon=False, fontsize="small")
     if title:
         ax.set_title(title)
     return ax

@@ -21,3 +21,17 @@ def shared_file(name: str) -> Path:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+def pytest_configure(config):
+    # Every fit builds fresh jitted closures, so identical programs (same architecture and shapes
+    # in different tests) would otherwise compile again; a session-local persistent cache turns
+    # those repeats into disk reads. It starts empty, so results cannot depend on earlier runs.
+    import tempfile
+
+    import jax
+
+    cache = tempfile.mkdtemp(prefix="cellflow-jax-cache-")
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -9,7 +9,7 @@ from cellflow.cli import main
 
 def test_demo_mean_shift_beats_identity_on_held_out_combinations(tmp_path):
     # few training steps keep this test short; the full demo is `cellflow demo`
-    per_condition, summary = run_demo(tmp_path, verbose=False, steps=300)
+    per_condition, summary = run_demo(tmp_path, verbose=False, steps=100)
     combos = summary.loc["held-out combinations"]
     patient = summary.loc[[i for i in summary.index if i.startswith("unseen patient")][0]]
     assert combos["mean_shift"] < 0.6 * combos["identity"]

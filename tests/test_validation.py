@@ -89,8 +89,6 @@ def test_unknown_method_and_option(adata):
         make(adata, method="gaussian_ot", shrinkge=0.1)
     with pytest.raises(cf.CellflowValueError, match=r"shrinkage=2.0"):
         make(adata, method="gaussian_ot", shrinkage=2.0)
-    with pytest.raises(cf.CellflowKeyError, match=r"method='diffusion' is part of the cellflow API but not available"):
-        make(adata, method="diffusion")
 
 
 def test_embedding_table_missing_vocabulary_member(adata):

@@ -6,6 +6,7 @@ The data layer knows AnnData and nothing of solvers; solvers receive the arrays 
 from cellflow.data._conditions import Condition, format_dose, parse_condition
 from cellflow.data._dataset import (
     ALL_CONTROLS,
+    TIME_COLUMN,
     DataSpec,
     ObsConditions,
     PerturbationData,
@@ -15,7 +16,11 @@ from cellflow.data._dataset import (
 from cellflow.data._embeddings import EmbeddingTable, make_embedding_table
 from cellflow.data._fingerprints import morgan_fingerprints
 from cellflow.data._lookup import condition_weights
-from cellflow.data._representation import available_representations, check_finite, get_representation
+from cellflow.data._representation import (
+    available_representations,
+    check_finite,
+    get_representation,
+)
 from cellflow.data._sampler import (
     Batch,
     ConditionArrays,
@@ -33,9 +38,11 @@ from cellflow.data._split import (
     split_covariates,
     split_doses,
 )
+from cellflow.data._time import align_partners, chain_snapshots
 
 __all__ = [
     "ALL_CONTROLS",
+    "TIME_COLUMN",
     "Batch",
     "Condition",
     "ConditionArrays",
@@ -44,9 +51,11 @@ __all__ = [
     "ObsConditions",
     "PerturbationData",
     "Split",
+    "align_partners",
     "TrainingArrays",
     "available_representations",
     "build_training_arrays",
+    "chain_snapshots",
     "check_finite",
     "condition_weights",
     "encode_condition",

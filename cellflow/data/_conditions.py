@@ -9,7 +9,7 @@ from typing import Any
 
 from cellflow._errors import CellflowValueError
 
-__all__ = ["Condition", "parse_condition", "format_dose", "COMBINATION_SEPARATOR"]
+__all__ = ["COMBINATION_SEPARATOR", "Condition", "format_dose", "parse_condition"]
 
 COMBINATION_SEPARATOR = "+"
 

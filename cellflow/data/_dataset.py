@@ -25,9 +25,10 @@ from cellflow._errors import CellflowKeyError, CellflowValueError, format_choice
 from cellflow.data._conditions import Condition, parse_condition
 from cellflow.data._representation import get_representation
 
-__all__ = ["DataSpec", "PerturbationData", "ObsConditions", "prepare", "parse_obs_conditions", "check_obs_column", "ALL_CONTROLS"]
+__all__ = ["ALL_CONTROLS", "TIME_COLUMN", "DataSpec", "ObsConditions", "PerturbationData", "check_obs_column", "parse_obs_conditions", "prepare"]
 
 ALL_CONTROLS = "<all controls>"
+TIME_COLUMN = "_time"
 
 
 def check_obs_column(adata: ad.AnnData, key: str, argument: str) -> None:
@@ -77,6 +78,11 @@ class DataSpec:
         is the pool of all controls (covariate values ``ALL_CONTROLS``).
     numeric_dose
         Whether the dose column was numeric (predictions then report numeric doses).
+    time_key
+        The ``obs`` column of measurement times, or ``None``. With it every group is one snapshot
+        (``groups["time"]``) and the process's clock runs from the controls' time to the last one.
+    time_range
+        ``(origin, end)``: the controls' time and the latest treated time (``time_key`` only).
     """
 
     rep: str
@@ -92,6 +98,13 @@ class DataSpec:
     groups: pd.DataFrame = field(repr=False)
     pools: pd.DataFrame = field(repr=False)
     numeric_dose: bool = False
+    time_key: str | None = None
+    time_range: tuple[float, float] | None = None
+
+    def clock(self, time: float | np.ndarray) -> np.ndarray:
+        """Times in ``time_key`` units -> the process's clock in ``[0, 1]`` (0 = the controls)."""
+        origin, end = self.time_range
+        return (np.asarray(time, np.float64) - origin) / (end - origin)
 
     @cached_property
     def group_conditions(self) -> list[Condition]:
@@ -121,6 +134,8 @@ class DataSpec:
             "groups": self.groups.to_dict(orient="list"),
             "pools": self.pools.to_dict(orient="list"),
             "numeric_dose": self.numeric_dose,
+            "time_key": self.time_key,
+            "time_range": None if self.time_range is None else list(self.time_range),
         }
         return json.dumps(payload)
 
@@ -141,6 +156,8 @@ class DataSpec:
             groups=pd.DataFrame(p["groups"]),
             pools=pd.DataFrame(p["pools"]),
             numeric_dose=bool(p.get("numeric_dose", False)),
+            time_key=p.get("time_key"),
+            time_range=None if p.get("time_range") is None else tuple(map(float, p["time_range"])),
         )
 
 
@@ -158,12 +175,15 @@ class PerturbationData:
         For each group, the indices (into ``cells``) of its treated cells.
     pool_index
         For each pool, the indices of its control cells.
+    partners
+        With ``pair_key``: for every cell the index of the control cell it descends from, or -1.
     """
 
     spec: DataSpec
     cells: np.ndarray = field(repr=False)
     group_index: tuple[np.ndarray, ...] = field(repr=False)
     pool_index: tuple[np.ndarray, ...] = field(repr=False)
+    partners: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def n_groups(self) -> int:
@@ -186,6 +206,8 @@ def prepare(
     control: str = "control",
     dose_key: str | None = None,
     covariate_keys: Sequence[str] = (),
+    time_key: str | None = None,
+    pair_key: str | None = None,
     warn_fallback: bool = True,
 ) -> PerturbationData:
     """Validate an AnnData and turn it into :class:`PerturbationData`.
@@ -205,6 +227,14 @@ def prepare(
         combination's members. Without it every member has dose 1.
     covariate_keys
         ``obs`` columns the response depends on (patient, cell line, cell type).
+    time_key
+        Optional numeric ``obs`` column of measurement times. Treated cells then form one group
+        per condition, covariates and time (a snapshot); the controls are the process's start and
+        must be at the earliest time (controls measured later are not used, with a warning).
+    pair_key
+        Optional ``obs`` column naming, for every treated cell, the control cell it is known to
+        descend from (its ``obs_name``; lineage barcodes, repeated imaging). Only methods that
+        learn from aligned pairs use it.
     warn_fallback
         Warn when a treated group has no control cells with its covariate values.
 
@@ -234,6 +264,9 @@ def prepare(
     cells = get_representation(adata, rep)
 
     control = str(control)
+    times, time_range = None, None
+    if time_key is not None:
+        times, time_range = _snapshot_times(adata, time_key, conditions.is_control, (perturbation_key, dose_key, *covariate_keys))
     condition_label = conditions.labels()
     dose_label = np.array([c.dose_label for c in conditions.unique], dtype=object)[conditions.codes]
     is_control = conditions.is_control
@@ -245,13 +278,27 @@ def prepare(
 
     covariates = {key: _column_as_str(adata, key, "covariate_keys") for key in covariate_keys}
     table = pd.DataFrame({"condition": condition_label, "dose": dose_label, **covariates})
+    if times is not None:
+        table[TIME_COLUMN] = times
+        late_controls = is_control & (times > time_range[0])
+        if late_controls.any():
+            warnings.warn(
+                f"time_key={time_key!r}: {int(late_controls.sum())} control cell(s) were measured after the "
+                f"earliest control time {time_range[0]:g}; the process starts from the earliest controls, so "
+                f"these are not used.",
+                UserWarning,
+                stacklevel=2,
+            )
+            # ``table`` keeps its row positions as index, so dropping rows keeps indices into ``cells``.
+            table = table[~late_controls]
+            is_control = is_control[~late_controls]
 
     # ``table`` has a RangeIndex, so the index of any subset holds row positions into ``cells``.
     pools, pool_index, pool_lookup = _control_pools(table[is_control], covariate_keys)
 
     treated = table[~is_control]
     treated_rows = treated.index.to_numpy()
-    group_keys = ["condition", "dose", *covariate_keys]
+    group_keys = ["condition", "dose", *covariate_keys, *([TIME_COLUMN] if times is not None else [])]
     group_codes = treated.groupby(group_keys, sort=True, observed=True).ngroup().to_numpy()
     order = np.argsort(group_codes, kind="stable")
     boundaries = np.flatnonzero(np.diff(group_codes[order])) + 1
@@ -289,8 +336,15 @@ def prepare(
         groups=groups,
         pools=pools,
         numeric_dose=dose_key is not None and pd.api.types.is_numeric_dtype(adata.obs[dose_key]),
+        time_key=time_key,
+        time_range=time_range,
     )
-    return PerturbationData(spec=spec, cells=cells, group_index=group_index, pool_index=pool_index)
+    partners = None
+    if pair_key is not None:
+        if time_key is not None:
+            raise CellflowValueError("pair_key and time_key cannot be combined yet; give one of them.")
+        partners = _partners(adata, pair_key, conditions.is_control)
+    return PerturbationData(spec=spec, cells=cells, group_index=group_index, pool_index=pool_index, partners=partners)
 
 
 @dataclass(frozen=True)
@@ -361,3 +415,59 @@ def _control_pools(
     indices.append(controls.index.to_numpy())
     records.append({**{k: ALL_CONTROLS for k in covariate_keys}, "n_cells": len(controls)})
     return pd.DataFrame.from_records(records), tuple(indices), lookup
+
+
+def _snapshot_times(
+    adata: ad.AnnData, time_key: str, is_control: np.ndarray, other_keys: Sequence[str | None]
+) -> tuple[np.ndarray, tuple[float, float]]:
+    """Validated float times of every cell and the clock's ``(origin, end)``."""
+    check_obs_column(adata, time_key, "time_key")
+    if time_key in other_keys:
+        raise CellflowValueError(
+            f"time_key={time_key!r} must differ from the perturbation, dose and covariate columns."
+        )
+    column = adata.obs[time_key]
+    if not pd.api.types.is_numeric_dtype(column) or pd.api.types.is_bool_dtype(column):
+        raise CellflowValueError(
+            f"time_key={time_key!r} must be a numeric obs column (e.g. hours or days); it has dtype {column.dtype}."
+        )
+    times = column.to_numpy(np.float64)
+    bad = ~np.isfinite(times)
+    if bad.any():
+        raise CellflowValueError(
+            f"time_key={time_key!r}: {int(bad.sum())} cell(s) have no finite time (first: "
+            f"{adata.obs_names[bad][:3].tolist()})."
+        )
+    origin = float(times[is_control].min())
+    treated = times[~is_control]
+    early = treated <= origin
+    if early.any():
+        raise CellflowValueError(
+            f"time_key={time_key!r}: {int(early.sum())} treated cell(s) are at or before the controls' time "
+            f"{origin:g} (first: {adata.obs_names[~is_control][early][:3].tolist()}); with a time course the "
+            f"controls are the start of the process and every treated snapshot comes later."
+        )
+    return times, (origin, float(treated.max()))
+
+
+def _partners(adata: ad.AnnData, pair_key: str, is_control: np.ndarray) -> np.ndarray:
+    """Row of each treated cell's named control partner (-1 for controls)."""
+    check_obs_column(adata, pair_key, "pair_key")
+    named = adata.obs[pair_key].to_numpy()
+    rows = pd.Index(adata.obs_names).get_indexer(pd.Series(named[~is_control]).astype(str))
+    missing = rows < 0
+    if missing.any():
+        raise CellflowValueError(
+            f"pair_key={pair_key!r}: {int(missing.sum())} treated cell(s) name no cell of adata (first: "
+            f"{adata.obs_names[~is_control][missing][:3].tolist()} -> {named[~is_control][missing][:3].tolist()}); "
+            f"every treated cell must name the obs_name of its control cell."
+        )
+    not_control = ~is_control[rows]
+    if not_control.any():
+        raise CellflowValueError(
+            f"pair_key={pair_key!r}: {int(not_control.sum())} treated cell(s) name a partner that is not a control "
+            f"cell (first: {adata.obs_names[~is_control][not_control][:3].tolist()})."
+        )
+    partners = np.full(adata.n_obs, -1, np.int64)
+    partners[~is_control] = rows
+    return partners

@@ -8,7 +8,7 @@ import scipy.sparse as sp
 
 from cellflow._errors import CellflowKeyError, CellflowValueError, format_choices
 
-__all__ = ["available_representations", "get_representation", "check_finite"]
+__all__ = ["available_representations", "check_finite", "get_representation"]
 
 
 def available_representations(adata: ad.AnnData) -> list[str]:

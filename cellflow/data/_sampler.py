@@ -23,8 +23,8 @@ from cellflow.data._dataset import PerturbationData
 from cellflow.data._embeddings import EmbeddingTable
 
 __all__ = [
-    "ConditionArrays",
     "Batch",
+    "ConditionArrays",
     "TrainingArrays",
     "build_training_arrays",
     "encode_condition",

@@ -19,7 +19,7 @@ from cellflow._errors import CellflowValueError, format_choices
 from cellflow.data._conditions import parse_condition
 from cellflow.data._dataset import check_obs_column, parse_obs_conditions
 
-__all__ = ["Split", "holdout", "split_conditions", "split_combinations", "split_doses", "split_covariates"]
+__all__ = ["Split", "holdout", "split_combinations", "split_conditions", "split_covariates", "split_doses"]
 
 
 class Split(NamedTuple):

@@ -5,15 +5,17 @@ from __future__ import annotations
 from cellflow._errors import CellflowKeyError, format_choices
 from cellflow.methods._base import Method, Option
 from cellflow.methods._baselines import GaussianOT, Identity, MeanShift
+from cellflow.methods._diffusion import Diffusion
 from cellflow.methods._flow_matching import FlowMatching
 from cellflow.methods._neural_ot import NeuralOT
+from cellflow.methods._schrodinger_bridge import SchrodingerBridge
 
 __all__ = ["Method", "Option", "METHODS", "PLANNED_METHODS", "get_method", "register_method"]
 
 METHODS: dict[str, Method] = {}
 
 # Part of the public API contract, not yet implemented in this release.
-PLANNED_METHODS = ("schrodinger_bridge", "diffusion")
+PLANNED_METHODS: tuple[str, ...] = ()
 
 
 def register_method(method: Method) -> Method:
@@ -34,5 +36,5 @@ def get_method(name: str) -> Method:
     raise CellflowKeyError(f"method={name!r} is unknown; valid choices: {format_choices(METHODS)}.")
 
 
-for _method in (Identity(), MeanShift(), GaussianOT(), FlowMatching(), NeuralOT()):
+for _method in (Identity(), MeanShift(), GaussianOT(), FlowMatching(), NeuralOT(), SchrodingerBridge(), Diffusion()):
     register_method(_method)

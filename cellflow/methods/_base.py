@@ -49,6 +49,11 @@ class Method(abc.ABC):
     name: str = ""
     summary: str = ""
     options: Mapping[str, Option] = {}
+    #: Whether the method fits a process through time-resolved snapshots (``time_key``) and
+    #: implements :meth:`predict_path`.
+    supports_time: bool = False
+    #: Whether the method learns from known (control, treated) pairs (``pair_key``).
+    supports_pairs: bool = False
 
     def validate_options(self, given: Mapping[str, Any]) -> dict[str, Any]:
         """Defaults updated with ``given``; unknown names and invalid values raise."""
@@ -96,6 +101,22 @@ class Method(abc.ABC):
         key: jax.Array,
     ) -> np.ndarray:
         """Predict ``(n, d)`` treated cells from ``(n, d)`` source cells under ``condition``."""
+
+    def predict_path(
+        self,
+        state: Any,
+        spec: DataSpec,
+        embeddings: EmbeddingTable,
+        options: Mapping[str, Any],
+        source: np.ndarray,
+        condition: Condition,
+        covariates: tuple[str | None, ...],
+        key: jax.Array,
+        clock: np.ndarray,
+    ) -> np.ndarray:
+        """``(T, n, d)``: the source cells moved along the fitted process to each of ``clock``
+        ``(T,)`` (increasing, in ``[0, 1]``; 0 is the controls, 1 the latest snapshot)."""
+        raise CellflowValueError(f"method {self.name!r} does not model time; methods that do: see ResponseModel's time_key.")
 
     @abc.abstractmethod
     def state_to_arrays(self, state: Any) -> dict[str, np.ndarray]:

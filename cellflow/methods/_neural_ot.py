@@ -31,6 +31,7 @@ from cellflow.methods._flow_matching import (
     _optional_path,
     _positive_int,
     _split_validation,
+    _validation_scorer,
     build_response_field,
     params_from_arrays,
     params_to_arrays,
@@ -38,7 +39,6 @@ from cellflow.methods._flow_matching import (
 from cellflow.nn import ResponseField
 from cellflow.solvers import flow_matching as fm
 from cellflow.solvers import neural_ot
-from cellflow.solvers.flow_matching import energy_distance
 from cellflow.train import make_optimizer, run_training
 
 __all__ = ["ConditionalMapState", "DualMapsState", "NeuralOT"]
@@ -281,26 +281,9 @@ class NeuralOT(Method):
 
 def _map_validation_scorer(graphdef, validation: PerturbationData, embeddings, spec, batch_size, rng, max_groups: int = 32):
     """``ema -> mean energy distance`` of mapped held-out cells over up to ``max_groups`` groups."""
-    groups = [g for g, index in enumerate(validation.group_index) if len(index) >= 2]
-    if not groups:
-        return None
-    groups = sorted(rng.choice(groups, size=min(max_groups, len(groups)), replace=False).tolist())
-    sources = np.stack([validation.source_cells(g)[rng.integers(0, len(validation.source_cells(g)), batch_size)] for g in groups])
-    targets = np.stack([validation.target_cells(g)[rng.integers(0, len(validation.target_cells(g)), batch_size)] for g in groups])
-    encoded = [
-        encode_condition(spec.group_conditions[g], spec.group_covariates[g], embeddings, spec.covariate_values, spec.max_members)
-        for g in groups
-    ]
-    conditions = jax.tree.map(lambda *leaves: jnp.asarray(np.stack(leaves)), *encoded)
 
-    @jax.jit
-    def score(params, sources, targets, conditions):
+    def move(graphdef, params, start, condition, source):
         model = nnx.merge(graphdef, params)
+        return neural_ot.map_cells(model, start, model.encode(condition, source))
 
-        def one(source, target, condition):
-            mapped = neural_ot.map_cells(model, source, model.encode(condition, source))
-            return energy_distance(mapped, target)
-
-        return jnp.mean(jax.vmap(one)(sources, targets, conditions))
-
-    return lambda params: score(params, jnp.asarray(sources), jnp.asarray(targets), conditions)
+    return _validation_scorer(graphdef, validation, embeddings, spec, batch_size, rng, max_groups=max_groups, move=move)

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-__all__ = ["sinusoidal_time_embedding", "dropout", "MLP", "ResidualBlock"]
+__all__ = ["MLP", "ResidualBlock", "dropout", "sinusoidal_time_embedding"]
 
 
 def sinusoidal_time_embedding(t: jax.Array, n_frequencies: int = 16) -> jax.Array:

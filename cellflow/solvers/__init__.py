@@ -1,5 +1,13 @@
 """Array-level methods: pure functions over PyTrees, no AnnData."""
 
-from cellflow.solvers import baselines, gaussian, neural_ot
+from cellflow.solvers import (
+    baselines,
+    diffusion,
+    flow_matching,
+    gaussian,
+    interpolation,
+    neural_ot,
+    schrodinger_bridge,
+)
 
-__all__ = ["baselines", "gaussian", "neural_ot"]
+__all__ = ["baselines", "diffusion", "flow_matching", "gaussian", "interpolation", "neural_ot", "schrodinger_bridge"]

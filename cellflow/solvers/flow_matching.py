@@ -31,7 +31,7 @@ from cellflow.nn import ResponseField
 from cellflow.solvers.baselines import AffineResponse, push_group
 from cellflow.train import TrainState, ema_update
 
-__all__ = ["FlowMatchingConfig", "couple", "energy_distance", "interpolate", "make_train_chunk", "push", "init_state", "integrate"]
+__all__ = ["FlowMatchingConfig", "couple", "sample_plan", "energy_distance", "interpolate", "make_train_chunk", "push", "init_state", "integrate"]
 
 
 @dataclass(frozen=True)
@@ -87,20 +87,54 @@ def couple(key: jax.Array, source: jax.Array, target: jax.Array, config: FlowMat
     """
     if config.coupling == "independent":
         return source, target
-    geometry = pointcloud.PointCloud(source, target, epsilon=config.epsilon, scale_cost="mean")
-    problem = linear_problem.LinearProblem(geometry, tau_a=config.tau_a, tau_b=config.tau_b)
+    return sample_plan(
+        key, source, target, epsilon=config.epsilon, scale_cost="mean", tau_a=config.tau_a, tau_b=config.tau_b,
+        max_iterations=config.sinkhorn_iterations,
+    )
+
+
+def sample_plan(
+    key: jax.Array,
+    source: jax.Array,
+    target: jax.Array,
+    *,
+    epsilon: float | jax.Array,
+    scale_cost: str | float = "mean",
+    tau_a: float = 1.0,
+    tau_b: float = 1.0,
+    max_iterations: int = 500,
+    threshold: float = 1e-2,
+) -> tuple[jax.Array, jax.Array]:
+    """Draw ``(x0, x1)`` pairs ``(B, d)`` from the entropic OT plan of squared Euclidean cost.
+
+    Parameters
+    ----------
+    key
+        PRNG key.
+    source, target
+        ``(B, d)`` batches.
+    epsilon
+        Entropic regularisation; relative to the cost's ``scale_cost`` (``"mean"``), or absolute
+        with ``scale_cost=1.0`` (the Schrödinger bridge's ``2 sigma^2``).
+    tau_a, tau_b
+        Unbalancedness (1.0 is balanced).
+    max_iterations, threshold
+        Sinkhorn's stopping rule.
+    """
+    geometry = pointcloud.PointCloud(source, target, epsilon=epsilon, scale_cost=scale_cost)
+    problem = linear_problem.LinearProblem(geometry, tau_a=tau_a, tau_b=tau_b)
     # Pairs are only sampled from the plan, so a 1 % marginal error is plenty; adaptive momentum
     # (Lehmann et al.) then cuts the iterations that dominate a CPU step.
     solver = sinkhorn.Sinkhorn(
-        threshold=1e-2,
-        max_iterations=config.sinkhorn_iterations,
+        threshold=threshold,
+        max_iterations=max_iterations,
         momentum=acceleration.Momentum(start=20, inner_iterations=10),
     )
     plan = solver(problem).matrix
     n = source.shape[0]
     key_rows, key_cols = jax.random.split(key)
     log_plan = jnp.log(jnp.maximum(plan, 1e-30))
-    if config.tau_a < 1.0 or config.tau_b < 1.0:
+    if tau_a < 1.0 or tau_b < 1.0:
         rows = jax.random.categorical(key_rows, jax.scipy.special.logsumexp(log_plan, axis=1), shape=(n,))
     else:
         rows = jnp.arange(n)
