@@ -25,7 +25,7 @@ def test_demo_mean_shift_beats_identity_on_held_out_combinations(tmp_path):
 
 
 def test_cli_demo_runs(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path / "d"), "--no-plot", "--steps", "100"]) == 0
+    assert main(["demo", "--out", str(tmp_path / "d"), "--no-plot", "--steps", "20"]) == 0
     out = capsys.readouterr().out
     assert "held-out combinations" in out and "noise_floor" in out
 

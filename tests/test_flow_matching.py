@@ -164,6 +164,7 @@ def test_prior_starts_from_the_baseline_and_round_trips(tmp_path):
     np.testing.assert_array_equal(cf.ResponseModel.load(tmp_path / "m").predict(source, "A").X, pred.X)
 
 
+@pytest.mark.slow  # an option that is off by default; kept out of the 10-minute default run
 def test_centred_fields_are_translation_equivariant():
     """With population-relative positions, a control population moved as a whole (a new
     patient or batch) gets the same response, moved with it."""
