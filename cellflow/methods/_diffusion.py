@@ -33,10 +33,11 @@ from cellflow.methods._flow_matching import (
     build_response_field,
     params_from_arrays,
     params_to_arrays,
+    train_with_options,
 )
 from cellflow.nn import Denoiser
 from cellflow.solvers import diffusion as diff
-from cellflow.train import make_optimizer, run_training
+from cellflow.train import make_optimizer
 
 __all__ = ["Diffusion", "DiffusionState"]
 
@@ -193,18 +194,8 @@ class Diffusion(Method):
             evaluate = _diffusion_validation_scorer(
                 graphdef, validation, embeddings, data.spec, batch_size, rng, loc, scale, config, self._sampling(options), seed
             )
-        result = run_training(
-            train_chunk,
-            state,
-            steps,
-            options["chunk"],
-            evaluate=evaluate,
-            eval_every=options["eval_every"],
-            patience=options["patience"],
-            checkpoint_dir=options["checkpoint_dir"],
-            checkpoint_every=options["checkpoint_every"],
-            resume=resume,
-            progress=progress,
+        result = train_with_options(
+            train_chunk, state, steps, options, evaluate=evaluate, resume=resume, progress=progress,
             description="diffusion",
         )
         return DiffusionState(graphdef, result.best_ema, result.history, loc, scale)

@@ -174,18 +174,8 @@ class FlowMatching(Method):
         evaluate = None
         if validation is not None:
             evaluate = _validation_scorer(graphdef, validation, embeddings, data.spec, batch_size, rng, prior)
-        result = run_training(
-            train_chunk,
-            state,
-            steps,
-            options["chunk"],
-            evaluate=evaluate,
-            eval_every=options["eval_every"],
-            patience=options["patience"],
-            checkpoint_dir=options["checkpoint_dir"],
-            checkpoint_every=options["checkpoint_every"],
-            resume=resume,
-            progress=progress,
+        result = train_with_options(
+            train_chunk, state, steps, options, evaluate=evaluate, resume=resume, progress=progress,
             description="flow matching",
         )
         return FlowMatchingState(graphdef, result.best_ema, result.history, prior)
@@ -271,6 +261,26 @@ def params_from_arrays(arrays: Mapping[str, np.ndarray], template: Any) -> Any:
     """Inverse of :func:`params_to_arrays`, shaped like ``template``."""
     leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
     return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(arrays[jax.tree_util.keystr(p)]) for p, _ in leaves])
+
+
+def train_with_options(train_chunk, state, steps: int, options: Mapping[str, Any], *, resume: bool, progress: bool,
+                       description: str, evaluate=None):
+    """:func:`cellflow.train.run_training` with the loop options every learned method shares
+    (``chunk``, ``eval_every``, ``patience``, ``checkpoint_dir``, ``checkpoint_every``)."""
+    return run_training(
+        train_chunk,
+        state,
+        steps,
+        options["chunk"],
+        evaluate=evaluate,
+        eval_every=options["eval_every"],
+        patience=options["patience"],
+        checkpoint_dir=options["checkpoint_dir"],
+        checkpoint_every=options["checkpoint_every"],
+        resume=resume,
+        progress=progress,
+        description=description,
+    )
 
 
 def _bucket(n: int) -> int:

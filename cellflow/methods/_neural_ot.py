@@ -35,11 +35,12 @@ from cellflow.methods._flow_matching import (
     build_response_field,
     params_from_arrays,
     params_to_arrays,
+    train_with_options,
 )
 from cellflow.nn import ResponseField
 from cellflow.solvers import flow_matching as fm
 from cellflow.solvers import neural_ot
-from cellflow.train import make_optimizer, run_training
+from cellflow.train import make_optimizer
 
 __all__ = ["ConditionalMapState", "DualMapsState", "NeuralOT"]
 
@@ -188,10 +189,9 @@ class NeuralOT(Method):
         evaluate = None
         if validation is not None:
             evaluate = _map_validation_scorer(graphdef, validation, embeddings, data.spec, batch_size, rng)
-        result = run_training(
-            train_chunk, state, steps, options["chunk"], evaluate=evaluate, eval_every=options["eval_every"],
-            patience=options["patience"], checkpoint_dir=options["checkpoint_dir"],
-            checkpoint_every=options["checkpoint_every"], resume=resume, progress=progress, description="neural OT (conditional map)",
+        result = train_with_options(
+            train_chunk, state, steps, options, evaluate=evaluate, resume=resume, progress=progress,
+            description="neural OT (conditional map)",
         )
         return ConditionalMapState(graphdef, result.best_ema, result.history)
 
@@ -215,10 +215,8 @@ class NeuralOT(Method):
         optimizer = optax.adam(options["learning_rate"], b1=0.5, b2=0.9)
         state = neural_ot.init_dual_state(params, optimizer, key_train)
         train_chunk = neural_ot.make_dual_train_chunk(dual_data, optimizer, config, options["chunk"])
-        result = run_training(
-            train_chunk, state, steps, options["chunk"], checkpoint_dir=options["checkpoint_dir"],
-            checkpoint_every=options["checkpoint_every"], resume=resume, progress=progress,
-            description="neural OT (per-condition ICNN)",
+        result = train_with_options(
+            train_chunk, state, steps, options, resume=resume, progress=progress, description="neural OT (per-condition ICNN)"
         )
         return DualMapsState(result.best_ema["f"], dual_data.shift, dual_data.scale, conditions, result.history)
 

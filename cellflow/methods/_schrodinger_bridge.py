@@ -38,11 +38,12 @@ from cellflow.methods._flow_matching import (
     build_response_field,
     params_from_arrays,
     params_to_arrays,
+    train_with_options,
 )
 from cellflow.nn import BridgeField
 from cellflow.solvers import flow_matching as fm
 from cellflow.solvers import schrodinger_bridge as sb
-from cellflow.train import make_optimizer, run_training
+from cellflow.train import make_optimizer
 
 __all__ = ["BridgeState", "SchrodingerBridge"]
 
@@ -180,18 +181,8 @@ class SchrodingerBridge(Method):
                 return sb.simulate(graphdef, params, start, condition, source, key, jnp.ones(1), sigma=sigma, sde=sde, n_steps=n_steps)[-1]
 
             evaluate = _validation_scorer(graphdef, validation, embeddings, data.spec, batch_size, rng, move=move)
-        result = run_training(
-            train_chunk,
-            state,
-            steps,
-            options["chunk"],
-            evaluate=evaluate,
-            eval_every=options["eval_every"],
-            patience=options["patience"],
-            checkpoint_dir=options["checkpoint_dir"],
-            checkpoint_every=options["checkpoint_every"],
-            resume=resume,
-            progress=progress,
+        result = train_with_options(
+            train_chunk, state, steps, options, evaluate=evaluate, resume=resume, progress=progress,
             description="Schrödinger bridge",
         )
         return BridgeState(graphdef, result.best_ema, result.history)
