@@ -39,6 +39,16 @@ def test_ot_coupling_recovers_a_permutation():
     assert not np.allclose(np.asarray(y1), np.asarray(x))
 
 
+def test_a_diverged_sinkhorn_plan_falls_back_to_the_independent_coupling():
+    good = jnp.eye(4) / 4
+    np.testing.assert_array_equal(np.asarray(fm.checked_plan(good)), np.asarray(good))
+    independent = np.full((4, 4), 1 / 16)
+    for bad in (good.at[0, 0].set(jnp.nan), good.at[0, 0].set(1e30), good * 3):
+        np.testing.assert_allclose(np.asarray(fm.checked_plan(bad)), independent)
+    # Unbalanced plans need not have uniform marginals, only be finite.
+    np.testing.assert_array_equal(np.asarray(fm.checked_plan(good * 3, None)), np.asarray(good * 3))
+
+
 def test_interpolation_path():
     x0, x1 = jnp.zeros((5, 2)), jnp.ones((5, 2))
     t, x_t, u = fm.interpolate(jax.random.key(1), x0, x1, fm.FlowMatchingConfig())
@@ -176,3 +186,16 @@ def test_centred_fields_are_translation_equivariant():
     offset = np.array([2.5, -1.0], np.float32)
     moved = model.predict(source + offset, "B", seed=3).X
     np.testing.assert_allclose(moved, model.predict(source, "B", seed=3).X + offset, atol=2e-4)
+
+
+def test_training_stops_with_a_clear_error_when_the_loss_diverges():
+    from cellflow.train import TrainState, run_training
+
+    state = TrainState(params={"w": jnp.zeros(())}, ema={"w": jnp.zeros(())}, opt_state=(), step=jnp.array(0), key=jax.random.key_data(jax.random.key(0)))
+
+    def diverging_chunk(state):
+        loss = jnp.where(state.step >= 10, jnp.nan, 1.0) * jnp.ones(10)
+        return state._replace(step=state.step + 10), {"loss": loss}
+
+    with pytest.raises(cf.CellflowValueError, match=r"toy diverged: the loss is nan in steps 11-20.*learning_rate"):
+        run_training(diverging_chunk, state, 50, 10, progress=False, description="toy")

@@ -82,7 +82,8 @@ class NeuralOT(Method):
 
     ``map="conditional"`` (default) is one CondOT-style network for every condition,
     ``T(x | c) = x + D(x | c)``, with the condition and population encoders of flow matching. It
-    is trained to push each control batch onto its treated batch (Sinkhorn divergence) with the
+    is trained to push each control batch onto its treated batch (Sinkhorn divergence, estimated
+    on disjoint halves of the batch so that its minibatch bias does not shrink the map) with the
     Monge gap as regulariser, so it predicts held-out doses, combinations, cell types and
     patients. ``map="per_condition"`` is CellOT: a pair of input-convex potentials per treated
     condition trained on the W2 dual, ``T = grad f``, started from the Gaussian (Bures) map
@@ -91,11 +92,17 @@ class NeuralOT(Method):
     predict conditions it was trained on.
 
     Defaults: 2,000 steps. For the conditional map, 8 conditions x 128 cells per step, width
-    128, depth 3, Sinkhorn epsilon 0.05 of the mean cost, Monge-gap weight 1. For the
-    per-condition maps, every condition at each step with 256 cells, ICNN widths [64]*4, 5
-    conjugate updates per potential update, Adam(0.5, 0.9) at 1e-3. Measured on 2 CPU cores with
-    50-d PCA (Kang 2018): about 3 minutes for the conditional map, about 27 minutes for the
-    per-condition ICNNs (which start at the Bures map, so a few hundred steps often suffice).
+    128, depth 3, Sinkhorn epsilon 0.05 of the source batch's mean squared distance, Monge-gap
+    weight 1, and ``centre=True``: the map sees each cell relative to its source population's
+    mean, so a population offset as a whole (a new patient) is moved like the training ones.
+    Measured (seed 0): held-out patient on Kang 2018 energy distance 0.240 with it against 0.304
+    without (mean_shift 0.255); held-out doses on the synthetic default 0.065 against 0.064;
+    held-out cell type (scGen CD4T) 0.406 against 0.333 (mean_shift 2.147): where the response
+    depends on where a population sits, as across cell types, ``centre=False`` can be better. For the per-condition maps, every condition at each step with 256 cells, ICNN
+    widths [64]*4, 5 conjugate updates per potential update, Adam(0.5, 0.9) at 1e-3. Measured on
+    2 CPU cores with 50-d PCA (Kang 2018): about 3 minutes for the conditional map, about 27
+    minutes for the per-condition ICNNs (which start at the Bures map, so a few hundred steps
+    often suffice).
     """
 
     name = "neural_ot"
@@ -112,7 +119,7 @@ class NeuralOT(Method):
         "pooling": Option("mean", "pooling of member tokens: 'mean' or 'attention'", _one_of("mean", "attention")),
         "conditioning": Option("film", "how conditions enter the network: 'film' or 'concatenation'", _one_of("film", "concatenation")),
         "dropout": Option(0.0, "dropout in the network and on the population summary", _fraction),
-        "centre": Option(False, "the network sees positions relative to the source population's mean", _one_of(True, False)),
+        "centre": Option(True, "the map network sees positions relative to the source population's mean (conditional map)", _one_of(True, False)),
         "conditions_per_step": Option(8, "treated groups per training step (conditional map)", _positive_int),
         "epsilon": Option(0.05, "Sinkhorn regularisation of the fit and Monge gap, relative to the source spread (mean squared distance)", _non_negative),
         "monge_gap": Option(1.0, "weight of the Monge-gap regulariser (conditional map)", _non_negative),

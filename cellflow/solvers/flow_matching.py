@@ -31,7 +31,7 @@ from cellflow.nn import ResponseField
 from cellflow.solvers.baselines import AffineResponse, push_group
 from cellflow.train import TrainState, ema_update
 
-__all__ = ["FlowMatchingConfig", "couple", "sample_plan", "energy_distance", "interpolate", "make_train_chunk", "push", "init_state", "integrate"]
+__all__ = ["FlowMatchingConfig", "checked_plan", "couple", "sample_plan", "energy_distance", "interpolate", "make_train_chunk", "push", "init_state", "integrate"]
 
 
 @dataclass(frozen=True)
@@ -130,7 +130,7 @@ def sample_plan(
         max_iterations=max_iterations,
         momentum=acceleration.Momentum(start=20, inner_iterations=10),
     )
-    plan = solver(problem).matrix
+    plan = checked_plan(solver(problem).matrix, None if tau_a < 1.0 or tau_b < 1.0 else 0.5)
     n = source.shape[0]
     key_rows, key_cols = jax.random.split(key)
     log_plan = jnp.log(jnp.maximum(plan, 1e-30))
@@ -140,6 +140,22 @@ def sample_plan(
         rows = jnp.arange(n)
     cols = jax.random.categorical(key_cols, log_plan[rows], axis=-1)
     return source[rows], target[cols]
+
+
+def checked_plan(plan: jax.Array, tolerance: float | None = 0.5) -> jax.Array:
+    """The plan ``(n, m)``, or the independent coupling where Sinkhorn went astray.
+
+    Accelerated Sinkhorn occasionally diverges on a minibatch (NaN, or a finite plan whose
+    marginals are far off). Its plan would poison the weights; one step with the independent
+    coupling of that batch does no harm. ``tolerance`` bounds the relative error of the
+    uniform marginals; ``None`` (unbalanced problems) only asks for a finite, non-negative plan.
+    """
+    n, m = plan.shape
+    usable = jnp.all(jnp.isfinite(plan)) & jnp.all(plan >= 0)
+    if tolerance is not None:
+        rows, cols = plan.sum(axis=1) * n, plan.sum(axis=0) * m
+        usable = usable & (jnp.max(jnp.abs(rows - 1.0)) < tolerance) & (jnp.max(jnp.abs(cols - 1.0)) < tolerance)
+    return jnp.where(usable, plan, jnp.full_like(plan, 1.0 / (n * m)))
 
 
 def interpolate(key: jax.Array, x0: jax.Array, x1: jax.Array, config: FlowMatchingConfig):

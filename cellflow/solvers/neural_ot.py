@@ -46,6 +46,7 @@ from ott.solvers.linear import acceleration, sinkhorn
 
 from cellflow.data import ConditionArrays, TrainingArrays, sample_batches
 from cellflow.nn import ResponseField
+from cellflow.solvers.flow_matching import checked_plan
 from cellflow.train import TrainState, ema_update
 
 __all__ = [
@@ -133,8 +134,12 @@ def map_losses(
     Returns
     -------
     ``(fit, gap)``, each ``(G,)`` in units of squared distance: the Sinkhorn divergence of the
-    mapped batch to the target (without its constant ``-OT(y, y) / 2`` term, which does not
-    depend on the map) and the entropic Monge gap ``E|x - T(x)|^2 - OT(x, T(x))``.
+    mapped batch to the target, estimated on disjoint halves of the batch (without its
+    ``-OT(y, y) / 2`` term, which does not depend on the map; see :func:`_frozen_plans`), and
+    the Monge gap ``E|x - T(x)|^2 - <P, C>`` with ``P`` the entropic plan between ``x`` and
+    ``T(x)``. Both are transport costs of plans held fixed: by the envelope theorem their
+    gradients in the cells are those of the entropic OT costs, and their values, unlike ott's
+    ``reg_ot_cost``, carry no entropy offset (so an exact map has a gap near 0).
     """
 
     def map_one(condition, source, key):
@@ -143,64 +148,65 @@ def map_losses(
         return map_cells(model, source, encoded, key_field)
 
     mapped = jax.vmap(map_one)(condition, source, jax.random.split(key, source.shape[0]))
-    # Every entropic OT term is solved on frozen points and enters the loss as <P, C>: by the
-    # envelope theorem its gradient in the points equals that of the regularised OT cost, so no
+    # Every entropic OT term is solved on frozen points and enters the loss as <P, C>, so no
     # gradient flows through Sinkhorn. lax.map, not vmap: each solve stops at its own
     # convergence, and the network above stays batched over conditions.
-    solves = jax.lax.map(lambda args: _frozen_solves(*args, config), (source, mapped, target))
-    fit_plans, self_plans, gap_plans, fit_values, gap_values = solves
-    if config.fit == "barycentric":
-        fit_surrogate = jax.vmap(_plan_cost)(fit_plans, mapped, target)
-    else:
-        fit_surrogate = jax.vmap(_plan_cost)(fit_plans, mapped, target) - 0.5 * jax.vmap(_plan_cost)(self_plans, mapped, mapped)
-    fit = jax.lax.stop_gradient(fit_values - fit_surrogate) + fit_surrogate
+    plans = jax.lax.map(lambda args: _frozen_plans(*args, config), (source, mapped, target))
+    fit = jax.vmap(partial(_fit_cost, config.fit))(plans, mapped, target)
     if config.monge_gap == 0:
         return fit, jnp.zeros_like(fit)
     displacement = jnp.mean(jnp.sum((mapped - source) ** 2, axis=-1), axis=-1)
-    gap_surrogate = displacement - jax.vmap(_plan_cost)(gap_plans, source, mapped)
-    gap = jax.lax.stop_gradient(displacement - gap_values - gap_surrogate) + gap_surrogate
-    return fit, gap
+    return fit, displacement - jax.vmap(_plan_cost)(plans["gap"], source, mapped)
 
 
-def _frozen_solves(source: jax.Array, mapped: jax.Array, target: jax.Array, config: MongeMapConfig):
-    """Plans and values of the fitting loss's OT problems and (for the Monge gap) of OT(x, T x).
+def _halves(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Two disjoint halves of a batch ``(B, d)`` (a last odd cell is left out)."""
+    half = x.shape[0] // 2
+    return x[:half], x[half : 2 * half]
 
-    ``fit="sinkhorn_divergence"``: OT(T x, y) and OT(T x, T x). ``fit="barycentric"``: the plan
-    of OT(x, y) between the source and target batches, whose barycentric projection the map
-    regresses (Seguy et al. 2018); its value is the plan's cost of the mapped cells.
+
+def _frozen_plans(source: jax.Array, mapped: jax.Array, target: jax.Array, config: MongeMapConfig) -> dict[str, jax.Array]:
+    """Entropic plans of the fitting loss's OT problems and (for the Monge gap) of OT(x, T x).
+
+    ``fit="sinkhorn_divergence"``: each half of the mapped batch against its half of the target
+    batch, and the two mapped halves against each other,
+    ``S = (OT(Tx_a, y_a) + OT(Tx_b, y_b)) / 2 - OT(Tx_a, Tx_b) / 2`` (up to the map-free
+    ``-OT(y_a, y_b) / 2``). Solving the self term on the same points as the cross term
+    (``OT(Tx, Tx)``) would match every mapped cell with itself at a small blur, and the
+    remaining minibatch bias of ``OT(Tx, y)`` -- each cell drawn towards a few random targets --
+    would shrink and distort the map; with disjoint halves the cross and self terms carry the
+    same bias, so the expected gradient vanishes exactly when ``T`` pushes the source onto the
+    target. ``fit="barycentric"``: the plan of OT(x, y) between the source and target batches,
+    whose barycentric projection the map regresses (Seguy et al. 2018).
     """
     # epsilon is relative to the spread of the source batch (its mean squared pairwise distance),
     # not to the mean cost of each pair of clouds: that cost grows with the displacement, and a
     # blur that grows with it biases the Monge gap towards maps that move less.
     epsilon = config.epsilon * 2.0 * jnp.sum(jnp.var(jax.lax.stop_gradient(source), axis=0))
     if config.fit == "barycentric":
-        xy = _finite_plan(_solve(source, target, epsilon))
-        xx = jnp.zeros_like(xy)
-        fit = _plan_cost(xy, mapped, target)
+        plans = {"xy": _solve(source, target, epsilon)}
     else:
-        xy_out, xx_out = _solve(mapped, target, epsilon), _solve(mapped, mapped, epsilon)
-        xy, xx = _finite_plan(xy_out), _finite_plan(xx_out)
-        fit = xy_out.reg_ot_cost - 0.5 * xx_out.reg_ot_cost
-    if config.monge_gap == 0:
-        return xy, xx, jnp.zeros_like(xy), fit, jnp.zeros(())
-    coupling = _solve(source, mapped, epsilon)
-    return xy, xx, _finite_plan(coupling), fit, coupling.ent_reg_cost
+        (mapped_a, mapped_b), (target_a, target_b) = _halves(mapped), _halves(target)
+        plans = {"a": _solve(mapped_a, target_a, epsilon), "b": _solve(mapped_b, target_b, epsilon), "self": _solve(mapped_a, mapped_b, epsilon)}
+    plans["gap"] = _solve(source, mapped, epsilon) if config.monge_gap > 0 else jnp.zeros((source.shape[0], mapped.shape[0]))
+    return plans
 
 
-def _finite_plan(output) -> jax.Array:
-    """The plan, or the independent coupling if Sinkhorn diverged (a NaN plan would poison the weights)."""
-    plan = output.matrix
-    independent = jnp.full_like(plan, 1.0 / plan.size)
-    return jnp.where(jnp.all(jnp.isfinite(plan)), plan, independent)
+def _fit_cost(fit: str, plans: dict[str, jax.Array], mapped: jax.Array, target: jax.Array) -> jax.Array:
+    """The fitting loss as ``<P, C>`` terms of the frozen plans (differentiable in the mapped cells)."""
+    if fit == "barycentric":
+        return _plan_cost(plans["xy"], mapped, target)
+    (mapped_a, mapped_b), (target_a, target_b) = _halves(mapped), _halves(target)
+    return 0.5 * (_plan_cost(plans["a"], mapped_a, target_a) + _plan_cost(plans["b"], mapped_b, target_b) - _plan_cost(plans["self"], mapped_a, mapped_b))
 
 
-def _solve(x: jax.Array, y: jax.Array, epsilon: jax.Array):
-    """ott Sinkhorn between frozen copies of two point clouds (squared Euclidean cost, absolute epsilon)."""
+def _solve(x: jax.Array, y: jax.Array, epsilon: jax.Array) -> jax.Array:
+    """Entropic OT plan between frozen copies of two point clouds (squared Euclidean cost, absolute epsilon)."""
     geometry = pointcloud.PointCloud(jax.lax.stop_gradient(x), jax.lax.stop_gradient(y), epsilon=epsilon)
     # Only plans' gradients are used, so a 1 % marginal error is plenty; adaptive momentum
     # (Lehmann et al.) halves the iterations that dominate a CPU step.
     solver = sinkhorn.Sinkhorn(threshold=1e-2, max_iterations=1000, momentum=acceleration.Momentum(start=20, inner_iterations=10))
-    return solver(linear_problem.LinearProblem(geometry))
+    return checked_plan(solver(linear_problem.LinearProblem(geometry)).matrix)
 
 
 def _plan_cost(plan: jax.Array, x: jax.Array, y: jax.Array) -> jax.Array:

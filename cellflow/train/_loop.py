@@ -7,7 +7,6 @@ the host only reads the chunk's losses to update the progress bar and history.
 from __future__ import annotations
 
 import time
-
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from cellflow._errors import CellflowValueError
 from cellflow.train._checkpoint import latest_checkpoint, restore_checkpoint, save_checkpoint
 from cellflow.train._state import TrainState
 
@@ -79,6 +79,9 @@ def run_training(
         Save the state every ``checkpoint_every`` steps with orbax; ``resume`` restarts from the
         latest checkpoint in ``checkpoint_dir``.
 
+    Raises :class:`~cellflow._errors.CellflowValueError` as soon as a chunk's mean loss is not
+    finite, rather than returning NaN weights.
+
     The history has one row per chunk: ``step``, the mean of each metric over the chunk,
     ``seconds`` since this call started (the first chunk includes compilation) and, when
     evaluated, ``val_energy_distance``.
@@ -97,6 +100,12 @@ def run_training(
         row = {"step": step, **{k: float(np.mean(v)) for k, v in metrics.items()}}
         # reading the losses above waited for the chunk, so this is its true end time
         row["seconds"] = time.perf_counter() - clock
+        if not np.isfinite(row["loss"]):
+            bar.close()
+            raise CellflowValueError(
+                f"{description} diverged: the loss is {row['loss']} in steps {step - chunk + 1}-{step}. "
+                "Lower the learning_rate option (for OT couplings, raising epsilon also helps) or standardise the cells."
+            )
         if evaluate is not None and (step % eval_every < chunk or step >= n_chunks * chunk):
             score = float(evaluate(state.ema))
             row["val_energy_distance"] = score
