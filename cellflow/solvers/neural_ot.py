@@ -188,7 +188,8 @@ def _frozen_plans(source: jax.Array, mapped: jax.Array, target: jax.Array, confi
     else:
         (mapped_a, mapped_b), (target_a, target_b) = _halves(mapped), _halves(target)
         plans = {"a": _solve(mapped_a, target_a, epsilon), "b": _solve(mapped_b, target_b, epsilon), "self": _solve(mapped_a, mapped_b, epsilon)}
-    plans["gap"] = _solve(source, mapped, epsilon) if config.monge_gap > 0 else jnp.zeros((source.shape[0], mapped.shape[0]))
+    if config.monge_gap > 0:
+        plans["gap"] = _solve(source, mapped, epsilon)
     return plans
 
 
