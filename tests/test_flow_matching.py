@@ -56,6 +56,34 @@ def test_interpolation_path():
     np.testing.assert_allclose(np.asarray(u), 1.0)
 
 
+def test_brownian_path_spreads_points_by_sigma_around_the_straight_line():
+    n = 20_000
+    x0, x1 = jnp.zeros((n, 2)), jnp.ones((n, 2))
+    config = fm.FlowMatchingConfig(path="brownian", sigma=2.0)
+    t, x_t, u = fm.interpolate(jax.random.key(0), x0, x1, config)
+    t = np.asarray(t)
+    keep = (t > 0.05) & (t < 0.95)
+    scaled = (np.asarray(x_t) - t[:, None])[keep] / np.sqrt(t * (1 - t))[keep, None]
+    np.testing.assert_allclose(scaled.std(axis=0), 2.0, rtol=0.05)
+    np.testing.assert_allclose(scaled.mean(axis=0), 0.0, atol=0.05)
+    # the target stays the pair's displacement (see interpolate's docstring)
+    np.testing.assert_allclose(np.asarray(u), 1.0)
+
+
+def test_path_noise_is_in_units_of_the_control_spread():
+    from cellflow.data import prepare
+    from cellflow.methods._flow_matching import control_spread
+
+    rng = np.random.default_rng(0)
+    # two patients far apart, each with within-patient standard deviation 3 in every feature
+    cells = np.vstack([rng.normal(size=(4000, 4)) * 3.0, rng.normal(size=(4000, 4)) * 3.0 + 50.0]).astype(np.float32)
+    obs = {"condition": ["control", "A"] * 4000, "patient": ["P1"] * 4000 + ["P2"] * 4000}
+    data = prepare(ad.AnnData(X=cells, obs=obs), covariate_keys=("patient",))
+    assert control_spread(data) == pytest.approx(3.0, rel=0.05)
+    rescaled = prepare(ad.AnnData(X=cells * 10, obs=obs), covariate_keys=("patient",))
+    assert control_spread(rescaled) == pytest.approx(10 * control_spread(data), rel=1e-4)
+
+
 @pytest.fixture(scope="module")
 def fitted():
     adata = shift_data()
