@@ -33,6 +33,7 @@ from cellflow.methods._flow_matching import (
     build_response_field,
     params_from_arrays,
     params_to_arrays,
+    response_field_options,
     train_with_options,
 )
 from cellflow.nn import Denoiser
@@ -100,14 +101,7 @@ class Diffusion(Method):
     summary = "conditional denoising diffusion (EDM, classifier-free guidance, additive member fields)"
     default_steps = 2000
     options: ClassVar[Mapping[str, Option]] = {
-        "width": Option(128, "hidden width of the fields", _positive_int),
-        "depth": Option(3, "residual blocks of the member and base fields", _positive_int),
-        "token_dim": Option(64, "size of a combination member's token", _positive_int),
-        "context_dim": Option(64, "size of the covariate/population context", _positive_int),
-        "population_encoder": Option(True, "summarise the source population (DeepSets)", _one_of(True, False)),
-        "pooling": Option("mean", "pooling of member tokens: 'mean' or 'attention'", _one_of("mean", "attention")),
-        "conditioning": Option("film", "how conditions enter the fields: 'film' or 'concatenation'", _one_of("film", "concatenation")),
-        "dropout": Option(0.0, "dropout in the fields and on the population summary", _fraction),
+        **response_field_options("the fields", depth_of="the member and base fields", centre=None),
         "learning_rate": Option(1e-3, "peak learning rate (AdamW, warm-up, cosine decay)", _non_negative),
         "weight_decay": Option(0.0, "AdamW weight decay", _non_negative),
         "warmup": Option(200, "warm-up steps", _non_negative),

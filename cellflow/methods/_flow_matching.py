@@ -67,6 +67,30 @@ def _optional_path(value):
     return None if value is None or isinstance(value, str) else "expected a directory path (str) or None."
 
 
+def response_field_options(
+    networks: str = "the fields", *, depth_of: str = "the member field", centre: bool | None = False
+) -> dict[str, Option]:
+    """The architecture options that :func:`build_response_field` reads, for a method's table.
+
+    ``networks`` names the method's networks in the help texts, ``depth_of`` what ``depth``
+    counts, and ``centre`` is the default of the ``centre`` option (``None``: the method has no
+    such option and builds uncentred fields).
+    """
+    options = {
+        "width": Option(128, f"hidden width of {networks}", _positive_int),
+        "depth": Option(3, f"residual blocks of {depth_of}", _positive_int),
+        "token_dim": Option(64, "size of a combination member's token", _positive_int),
+        "context_dim": Option(64, "size of the covariate/population context", _positive_int),
+        "population_encoder": Option(True, "summarise the source population (DeepSets)", _one_of(True, False)),
+        "pooling": Option("mean", "pooling of member tokens: 'mean' or 'attention'", _one_of("mean", "attention")),
+        "conditioning": Option("film", f"how conditions enter {networks}: 'film' or 'concatenation'", _one_of("film", "concatenation")),
+        "dropout": Option(0.0, f"dropout in {networks} and on the population summary", _fraction),
+    }
+    if centre is not None:
+        options["centre"] = Option(centre, f"feed {networks} positions relative to the source population's mean", _one_of(True, False))
+    return options
+
+
 class FlowMatching(Method):
     """Conditional optimal-transport flow matching (the flagship).
 
@@ -107,15 +131,7 @@ class FlowMatching(Method):
     summary = "conditional OT flow matching (additive member fields, population encoder)"
     default_steps = 2000
     options = {
-        "width": Option(128, "hidden width of the velocity fields", _positive_int),
-        "depth": Option(3, "residual blocks of the member field", _positive_int),
-        "token_dim": Option(64, "size of a combination member's token", _positive_int),
-        "context_dim": Option(64, "size of the covariate/population context", _positive_int),
-        "population_encoder": Option(True, "summarise the source population (DeepSets)", _one_of(True, False)),
-        "pooling": Option("mean", "pooling of member tokens: 'mean' or 'attention'", _one_of("mean", "attention")),
-        "conditioning": Option("film", "how conditions enter the fields: 'film' or 'concatenation'", _one_of("film", "concatenation")),
-        "dropout": Option(0.0, "dropout in the fields and on the population summary", _fraction),
-        "centre": Option(False, "fields see positions relative to the source population's mean", _one_of(True, False)),
+        **response_field_options("the velocity fields"),
         "learning_rate": Option(1e-3, "peak learning rate (AdamW, warm-up, cosine decay)", _non_negative),
         "weight_decay": Option(0.0, "AdamW weight decay", _non_negative),
         "warmup": Option(200, "warm-up steps", _non_negative),

@@ -35,6 +35,7 @@ from cellflow.methods._flow_matching import (
     build_response_field,
     params_from_arrays,
     params_to_arrays,
+    response_field_options,
     train_with_options,
 )
 from cellflow.nn import ResponseField
@@ -111,15 +112,7 @@ class NeuralOT(Method):
     options = {
         "map": Option("conditional", f"'conditional' (one network, Monge gap) or 'per_condition' (ICNN duals): {list(_MAPS)}", _one_of(*_MAPS)),
         # conditional map
-        "width": Option(128, "hidden width of the map network", _positive_int),
-        "depth": Option(3, "residual blocks of the member field", _positive_int),
-        "token_dim": Option(64, "size of a combination member's token", _positive_int),
-        "context_dim": Option(64, "size of the covariate/population context", _positive_int),
-        "population_encoder": Option(True, "summarise the source population (DeepSets)", _one_of(True, False)),
-        "pooling": Option("mean", "pooling of member tokens: 'mean' or 'attention'", _one_of("mean", "attention")),
-        "conditioning": Option("film", "how conditions enter the network: 'film' or 'concatenation'", _one_of("film", "concatenation")),
-        "dropout": Option(0.0, "dropout in the network and on the population summary", _fraction),
-        "centre": Option(True, "the map network sees positions relative to the source population's mean (conditional map)", _one_of(True, False)),
+        **response_field_options("the map network", centre=True),
         "conditions_per_step": Option(8, "treated groups per training step (conditional map)", _positive_int),
         "epsilon": Option(0.05, "Sinkhorn regularisation of the fit and Monge gap, relative to the source spread (mean squared distance)", _non_negative),
         "monge_gap": Option(1.0, "weight of the Monge-gap regulariser (conditional map)", _non_negative),

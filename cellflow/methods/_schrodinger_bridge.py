@@ -38,6 +38,7 @@ from cellflow.methods._flow_matching import (
     build_response_field,
     params_from_arrays,
     params_to_arrays,
+    response_field_options,
     train_with_options,
 )
 from cellflow.nn import BridgeField
@@ -94,15 +95,7 @@ class SchrodingerBridge(Method):
     supports_pairs = True
     options = {
         "sigma": Option(1.0, "reference Brownian noise (units of the representation); epsilon = 2 sigma^2", _positive),
-        "width": Option(128, "hidden width of the velocity and score fields", _positive_int),
-        "depth": Option(3, "residual blocks of the member field", _positive_int),
-        "token_dim": Option(64, "size of a combination member's token", _positive_int),
-        "context_dim": Option(64, "size of the covariate/population context", _positive_int),
-        "population_encoder": Option(True, "summarise the source population (DeepSets)", _one_of(True, False)),
-        "pooling": Option("mean", "pooling of member tokens: 'mean' or 'attention'", _one_of("mean", "attention")),
-        "conditioning": Option("film", "how conditions enter the fields: 'film' or 'concatenation'", _one_of("film", "concatenation")),
-        "dropout": Option(0.0, "dropout in the fields and on the population summary", _fraction),
-        "centre": Option(False, "fields see positions relative to the source population's mean", _one_of(True, False)),
+        **response_field_options("the velocity and score fields"),
         "coupling": Option("entropic", "'entropic' (Sinkhorn, epsilon = 2 sigma^2) or 'independent'", _one_of("entropic", "independent")),
         "tau_a": Option(1.0, "source unbalancedness of the coupling (1 = balanced)", _unit_interval),
         "tau_b": Option(1.0, "target unbalancedness of the coupling (1 = balanced)", _unit_interval),
