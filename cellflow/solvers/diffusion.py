@@ -42,7 +42,7 @@ from flax import nnx
 from cellflow.data import ConditionArrays, TrainingArrays, sample_batches
 from cellflow.nn import Denoiser
 from cellflow.solvers.flow_matching import init_state
-from cellflow.train import TrainState, ema_update
+from cellflow.train import scanned_training_chunk
 
 __all__ = [
     "DiffusionConfig",
@@ -172,24 +172,12 @@ def make_train_chunk(
             return jnp.mean(loss_terms(model, y, encoded, key_loss, config))
 
         losses = jax.vmap(group_loss)(batch.condition, batch.source, batch.target, jax.random.split(key, groups))
-        return jnp.mean(losses)
+        return jnp.mean(losses), {}
 
-    def step(state: TrainState, _):
-        key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
-        key_batch, key_loss = jax.random.split(key)
-        batch = sample_batches(arrays, key_batch, config.batch_size, config.conditions_per_step)
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, key_loss)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        ema = ema_update(state.ema, params, config.ema_decay, state.step)
-        return TrainState(params, ema, opt_state, state.step + 1, state.key), loss
+    def sample(key):
+        return sample_batches(arrays, key, config.batch_size, config.conditions_per_step)
 
-    @jax.jit
-    def train_chunk(state: TrainState):
-        state, losses = jax.lax.scan(step, state, None, length=chunk)
-        return state, {"loss": losses}
-
-    return train_chunk
+    return scanned_training_chunk(loss_fn, sample, optimizer, config.ema_decay, chunk)
 
 
 def generate(

@@ -29,7 +29,7 @@ from ott.solvers.linear import acceleration, sinkhorn
 from cellflow.data import ConditionArrays, TrainingArrays, sample_batches
 from cellflow.nn import ResponseField
 from cellflow.solvers.baselines import AffineResponse, push_group
-from cellflow.train import TrainState, ema_update
+from cellflow.train import TrainState, scanned_training_chunk
 
 __all__ = ["FlowMatchingConfig", "checked_plan", "couple", "sample_plan", "energy_distance", "interpolate", "make_train_chunk", "push", "init_state", "integrate"]
 
@@ -228,24 +228,12 @@ def make_train_chunk(
             return model(t, x_t, encoded, key_field)
 
         v = jax.vmap(group_velocity)(batch.condition, batch.source, t, x_t, jax.random.split(key_model, groups))
-        return jnp.mean(jnp.sum((v - u) ** 2, axis=-1))
+        return jnp.mean(jnp.sum((v - u) ** 2, axis=-1)), {}
 
-    def step(state: TrainState, _):
-        key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
-        key_batch, key_loss = jax.random.split(key)
-        batch = sample_batches(arrays, key_batch, config.batch_size, config.conditions_per_step)
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, key_loss)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        ema = ema_update(state.ema, params, config.ema_decay, state.step)
-        return TrainState(params, ema, opt_state, state.step + 1, state.key), loss
+    def sample(key):
+        return sample_batches(arrays, key, config.batch_size, config.conditions_per_step)
 
-    @jax.jit
-    def train_chunk(state: TrainState):
-        state, losses = jax.lax.scan(step, state, None, length=chunk)
-        return state, {"loss": losses}
-
-    return train_chunk
+    return scanned_training_chunk(loss_fn, sample, optimizer, config.ema_decay, chunk)
 
 
 def _solver(name: str):

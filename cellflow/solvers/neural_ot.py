@@ -47,7 +47,7 @@ from ott.solvers.linear import acceleration, sinkhorn
 from cellflow.data import ConditionArrays, TrainingArrays, sample_batches
 from cellflow.nn import ResponseField
 from cellflow.solvers.flow_matching import checked_plan
-from cellflow.train import TrainState, ema_update
+from cellflow.train import TrainState, ema_update, scanned_training_chunk
 
 __all__ = [
     "DualConfig",
@@ -230,24 +230,12 @@ def make_map_train_chunk(
         model = nnx.merge(graphdef, params)
         fit, gap = map_losses(model, batch.source, batch.target, batch.condition, key, config)
         fit, gap = fit.mean(), gap.mean()
-        return fit + config.monge_gap * gap, (fit, gap)
+        return fit + config.monge_gap * gap, {"fit": fit, "monge_gap": gap}
 
-    def step(state: TrainState, _):
-        key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
-        key_batch, key_loss = jax.random.split(key)
-        batch = sample_batches(arrays, key_batch, config.batch_size, config.conditions_per_step)
-        (loss, (fit, gap)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key_loss)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        ema = ema_update(state.ema, params, config.ema_decay, state.step)
-        return TrainState(params, ema, opt_state, state.step + 1, state.key), (loss, fit, gap)
+    def sample(key):
+        return sample_batches(arrays, key, config.batch_size, config.conditions_per_step)
 
-    @jax.jit
-    def train_chunk(state: TrainState):
-        state, (loss, fit, gap) = jax.lax.scan(step, state, None, length=chunk)
-        return state, {"loss": loss, "fit": fit, "monge_gap": gap}
-
-    return train_chunk
+    return scanned_training_chunk(loss_fn, sample, optimizer, config.ema_decay, chunk)
 
 
 @jax.jit

@@ -37,7 +37,7 @@ from flax import nnx
 
 from cellflow.data import ConditionArrays, TrainingArrays, sample_batches
 from cellflow.solvers.flow_matching import sample_plan
-from cellflow.train import TrainState, ema_update
+from cellflow.train import scanned_training_chunk
 
 __all__ = ["BridgeConfig", "bridge_sample", "couple", "make_train_chunk", "push", "simulate"]
 
@@ -213,24 +213,9 @@ def make_train_chunk(
         # On the process's clock velocities scale by 1 / length; the score residual does not.
         flow = jnp.mean(jnp.sum((v * length[:, None, None] - velocity) ** 2, axis=-1))
         score = jnp.mean(jnp.sum((weight[..., None] * s * length[:, None, None] + noise) ** 2, axis=-1))
-        return flow + config.score_weight * score, (flow, score)
+        return flow + config.score_weight * score, {"flow": flow, "score": score}
 
-    def step(state: TrainState, _):
-        key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
-        key_batch, key_loss = jax.random.split(key)
-        batch = sample(key_batch)
-        (loss, (flow, score)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key_loss)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        ema = ema_update(state.ema, params, config.ema_decay, state.step)
-        return TrainState(params, ema, opt_state, state.step + 1, state.key), (loss, flow, score)
-
-    @jax.jit
-    def train_chunk(state: TrainState):
-        state, (loss, flow, score) = jax.lax.scan(step, state, None, length=chunk)
-        return state, {"loss": loss, "flow": flow, "score": score}
-
-    return train_chunk
+    return scanned_training_chunk(loss_fn, sample, optimizer, config.ema_decay, chunk)
 
 
 def _sample_aligned(arrays: TrainingArrays, key: jax.Array, batch_size: int, n_groups: int):

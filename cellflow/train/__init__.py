@@ -2,7 +2,7 @@
 
 from cellflow.train._checkpoint import latest_checkpoint, restore_checkpoint, save_checkpoint
 from cellflow.train._loop import LoopResult, run_training
-from cellflow.train._state import TrainState, ema_update, key_data, make_optimizer
+from cellflow.train._state import TrainState, ema_update, key_data, make_optimizer, scanned_training_chunk
 
 __all__ = [
     "LoopResult",
@@ -14,4 +14,5 @@ __all__ = [
     "restore_checkpoint",
     "run_training",
     "save_checkpoint",
+    "scanned_training_chunk",
 ]

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-__all__ = ["TrainState", "make_optimizer", "ema_update"]
+__all__ = ["TrainState", "make_optimizer", "ema_update", "scanned_training_chunk"]
 
 
 class TrainState(NamedTuple):
@@ -61,3 +62,35 @@ def ema_update(ema: Any, params: Any, decay: float, step: jax.Array | None = Non
 def key_data(key: jax.Array) -> jax.Array:
     """Raw ``uint32`` data of a typed key (checkpoint-friendly)."""
     return jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+
+
+def scanned_training_chunk(
+    loss_fn: Callable[[Any, Any, jax.Array], tuple[jax.Array, Mapping[str, jax.Array]]],
+    sample: Callable[[jax.Array], Any],
+    optimizer: optax.GradientTransformation,
+    ema_decay: float,
+    chunk: int,
+) -> Callable[[TrainState], tuple[TrainState, dict[str, jax.Array]]]:
+    """A jitted ``state -> (state, {"loss": (chunk,), ...})`` running ``chunk`` optimiser steps.
+
+    Step ``s`` draws its key from ``fold_in(state.key, s)`` (so a resumed run replays the same
+    batches), samples ``batch = sample(key_batch)``, differentiates
+    ``loss_fn(params, batch, key_loss) -> (loss, {name: scalar})``, applies the optax update and
+    the EMA, all inside one ``lax.scan``: a chunk is one dispatch with no host round trip. The
+    returned dict holds the loss and every named term of each step.
+    """
+
+    def step(state: TrainState, _):
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
+        key_batch, key_loss = jax.random.split(key)
+        (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, sample(key_batch), key_loss)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = ema_update(state.ema, params, ema_decay, state.step)
+        return TrainState(params, ema, opt_state, state.step + 1, state.key), {"loss": loss, **terms}
+
+    @jax.jit
+    def train_chunk(state: TrainState):
+        return jax.lax.scan(step, state, None, length=chunk)
+
+    return train_chunk
