@@ -122,13 +122,14 @@ def run_demo(
     groups = keys[test.obs["condition"].astype(str) != "control"].drop_duplicates().itertuples(index=False)
     for condition, dose, pat in groups:
         mask = ((keys["condition"] == condition) & (keys["dose"] == dose) & (keys["patient"] == pat)).to_numpy()
-        observed = test.X[mask]
         source = test[((keys["condition"] == "control") & (keys["patient"] == pat)).to_numpy()]
         task_name = test_task[mask][0]
-        fresh = truth.sample(condition, len(observed), pat, dose=dose, seed=seed + 10_000)
         if reference_cells:
             observed = truth.sample(condition, reference_cells, pat, dose=dose, seed=seed + 20_000)
             fresh = truth.sample(condition, source.n_obs, pat, dose=dose, seed=seed + 10_000)
+        else:
+            observed = test.X[mask]
+            fresh = truth.sample(condition, len(observed), pat, dose=dose, seed=seed + 10_000)
         row = {"task": task_name, "condition": condition, "dose": dose, "patient": pat}
         row["noise_floor"] = metrics.energy_distance(fresh, observed)
         if additive is not None and condition in held_combos:
