@@ -227,3 +227,13 @@ def test_training_stops_with_a_clear_error_when_the_loss_diverges():
 
     with pytest.raises(cf.CellflowValueError, match=r"toy diverged: the loss is nan in steps 11-20.*learning_rate"):
         run_training(diverging_chunk, state, 50, 10, progress=False, description="toy")
+
+
+def test_fit_runs_exactly_the_requested_number_of_steps():
+    from cellflow.train import chunk_size
+
+    assert [chunk_size(s, 100) for s in (2000, 250, 30, 7, 101)] == [100, 50, 30, 7, 1]
+    adata = shift_data(n=40)
+    model = cf.ResponseModel(adata, rep="X", method="flow_matching", **SMALL).fit(steps=30, batch_size=16, progress=False)
+    assert list(model.history_["step"]) == [30]
+

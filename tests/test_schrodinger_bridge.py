@@ -47,7 +47,7 @@ def test_gaussian_bridge_oracle_d4():
     embeddings = make_embedding_table(data.spec.vocabulary, None)
     options = {**get_method("schrodinger_bridge").validate_options({}), "population_encoder": False, "width": 64}
     model = get_method("schrodinger_bridge").build(data.spec, embeddings.dim, options)
-    steps = 400
+    steps = 600
     optimizer = make_optimizer(2e-3, steps, warmup=50)
     config = sb.BridgeConfig(batch_size=256, conditions_per_step=1, sigma=sigma, ema_decay=0.99)
     graphdef, state = fm.init_state(model, optimizer, jax.random.key(0))

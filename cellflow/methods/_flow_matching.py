@@ -26,7 +26,7 @@ from cellflow.methods._baselines import GaussianOT, MeanShift
 from cellflow.nn import ResponseField
 from cellflow.solvers import baselines
 from cellflow.solvers import flow_matching as fm
-from cellflow.train import make_optimizer, run_training
+from cellflow.train import chunk_size, group_mesh, make_optimizer, run_training
 
 __all__ = ["FlowMatching", "FlowMatchingState"]
 
@@ -61,6 +61,10 @@ def _unit_interval(value):
 
 def _one_of(*choices):
     return lambda value: None if value in choices else f"valid choices: {list(choices)}."
+
+
+def _optional_positive_int(value):
+    return None if value is None else _positive_int(value)
 
 
 def _optional_path(value):
@@ -151,7 +155,8 @@ class FlowMatching(Method):
         "validation_fraction": Option(0.0, "share of each group's cells held out for early stopping", _fraction),
         "eval_every": Option(500, "steps between validation evaluations", _positive_int),
         "patience": Option(5, "evaluations without improvement before stopping", _positive_int),
-        "chunk": Option(100, "steps per jitted dispatch", _positive_int),
+        "chunk": Option(100, "most steps per jitted dispatch (the largest divisor of steps up to this is used)", _positive_int),
+        "devices": Option(None, "devices a step's condition groups are split over (None: every local device that divides conditions_per_step)", _optional_positive_int),
         "checkpoint_dir": Option(None, "directory of orbax training checkpoints", _optional_path),
         "checkpoint_every": Option(1000, "steps between checkpoints", _positive_int),
         "prior": Option(
@@ -200,7 +205,9 @@ class FlowMatching(Method):
         model = self.build(data.spec, embeddings.dim, options, seed)
         optimizer = make_optimizer(options["learning_rate"], steps, warmup=options["warmup"], weight_decay=options["weight_decay"])
         graphdef, state = fm.init_state(model, optimizer, key)
-        train_chunk = fm.make_train_chunk(graphdef, optimizer, arrays, config, options["chunk"], prior)
+        train_chunk = fm.make_train_chunk(graphdef, optimizer, arrays, config, chunk_size(steps, options["chunk"]), prior,
+            group_mesh(config.conditions_per_step, options["devices"]),
+        )
         evaluate = None
         if validation is not None:
             evaluate = _validation_scorer(graphdef, validation, embeddings, data.spec, batch_size, rng, prior)
@@ -320,7 +327,7 @@ def train_with_options(train_chunk, state, steps: int, options: Mapping[str, Any
         train_chunk,
         state,
         steps,
-        options["chunk"],
+        chunk_size(steps, options["chunk"]),
         evaluate=evaluate,
         eval_every=options["eval_every"],
         patience=options["patience"],

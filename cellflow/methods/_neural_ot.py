@@ -29,6 +29,7 @@ from cellflow.methods._flow_matching import (
     _non_negative,
     _one_of,
     _optional_path,
+    _optional_positive_int,
     _positive_int,
     _split_validation,
     _validation_scorer,
@@ -41,7 +42,7 @@ from cellflow.methods._flow_matching import (
 from cellflow.nn import ResponseField
 from cellflow.solvers import flow_matching as fm
 from cellflow.solvers import neural_ot
-from cellflow.train import make_optimizer
+from cellflow.train import chunk_size, group_mesh, make_optimizer
 
 __all__ = ["ConditionalMapState", "DualMapsState", "NeuralOT"]
 
@@ -137,7 +138,8 @@ class NeuralOT(Method):
         "weight_decay": Option(0.0, "AdamW weight decay (conditional map)", _non_negative),
         "warmup": Option(200, "warm-up steps (conditional map)", _non_negative),
         "ema_decay": Option(0.999, "EMA decay of the weights used to predict", _fraction),
-        "chunk": Option(100, "steps per jitted dispatch", _positive_int),
+        "chunk": Option(100, "most steps per jitted dispatch (the largest divisor of steps up to this is used)", _positive_int),
+        "devices": Option(None, "devices a step's condition groups are split over (None: every local device that divides conditions_per_step)", _optional_positive_int),
         "checkpoint_dir": Option(None, "directory of orbax training checkpoints", _optional_path),
         "checkpoint_every": Option(1000, "steps between checkpoints", _positive_int),
     }
@@ -185,7 +187,9 @@ class NeuralOT(Method):
         model = self.build(data.spec, embeddings.dim, options, seed)
         optimizer = make_optimizer(options["learning_rate"], steps, warmup=options["warmup"], weight_decay=options["weight_decay"])
         graphdef, state = fm.init_state(model, optimizer, key)
-        train_chunk = neural_ot.make_map_train_chunk(graphdef, optimizer, arrays, config, options["chunk"])
+        train_chunk = neural_ot.make_map_train_chunk(
+            graphdef, optimizer, arrays, config, chunk_size(steps, options["chunk"]), group_mesh(config.conditions_per_step, options["devices"])
+        )
         evaluate = None
         if validation is not None:
             evaluate = _map_validation_scorer(graphdef, validation, embeddings, data.spec, batch_size, rng)
@@ -214,7 +218,7 @@ class NeuralOT(Method):
         # oracle, d = 2, 300 steps: L2-UVP 0.25 % constant, 2.0 % cosine decay, 1.4 % clipped).
         optimizer = optax.adam(options["learning_rate"], b1=0.5, b2=0.9)
         state = neural_ot.init_dual_state(params, optimizer, key_train)
-        train_chunk = neural_ot.make_dual_train_chunk(dual_data, optimizer, config, options["chunk"])
+        train_chunk = neural_ot.make_dual_train_chunk(dual_data, optimizer, config, chunk_size(steps, options["chunk"]))
         result = train_with_options(
             train_chunk, state, steps, options, resume=resume, progress=progress, description="neural OT (per-condition ICNN)"
         )

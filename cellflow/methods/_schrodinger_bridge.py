@@ -31,6 +31,7 @@ from cellflow.methods._flow_matching import (
     _non_negative,
     _one_of,
     _optional_path,
+    _optional_positive_int,
     _positive_int,
     _split_validation,
     _unit_interval,
@@ -44,7 +45,7 @@ from cellflow.methods._flow_matching import (
 from cellflow.nn import BridgeField
 from cellflow.solvers import flow_matching as fm
 from cellflow.solvers import schrodinger_bridge as sb
-from cellflow.train import make_optimizer
+from cellflow.train import chunk_size, group_mesh, make_optimizer
 
 __all__ = ["BridgeState", "SchrodingerBridge"]
 
@@ -113,7 +114,8 @@ class SchrodingerBridge(Method):
         "validation_fraction": Option(0.0, "share of each group's cells held out for early stopping", _fraction),
         "eval_every": Option(500, "steps between validation evaluations", _positive_int),
         "patience": Option(5, "evaluations without improvement before stopping", _positive_int),
-        "chunk": Option(100, "steps per jitted dispatch", _positive_int),
+        "chunk": Option(100, "most steps per jitted dispatch (the largest divisor of steps up to this is used)", _positive_int),
+        "devices": Option(None, "devices a step's condition groups are split over (None: every local device that divides conditions_per_step)", _optional_positive_int),
         "checkpoint_dir": Option(None, "directory of orbax training checkpoints", _optional_path),
         "checkpoint_every": Option(1000, "steps between checkpoints", _positive_int),
     }
@@ -164,7 +166,9 @@ class SchrodingerBridge(Method):
         model = self.build(data.spec, embeddings.dim, options, seed)
         optimizer = make_optimizer(options["learning_rate"], steps, warmup=options["warmup"], weight_decay=options["weight_decay"])
         graphdef, state = fm.init_state(model, optimizer, jax.random.key(seed))
-        train_chunk = sb.make_train_chunk(graphdef, optimizer, arrays, config, options["chunk"], intervals, populations)
+        train_chunk = sb.make_train_chunk(graphdef, optimizer, arrays, config, chunk_size(steps, options["chunk"]), intervals, populations,
+            group_mesh(config.conditions_per_step, options["devices"]),
+        )
         evaluate = None
         if validation is not None:
             sigma, n_steps, sde = config.sigma, min(options["n_steps"], 16), options["sampler"] == "sde"

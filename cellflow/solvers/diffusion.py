@@ -34,6 +34,7 @@ from typing import Any
 
 import diffrax
 import jax
+from jax.sharding import Mesh
 import jax.numpy as jnp
 import lineax
 import optax
@@ -149,6 +150,7 @@ def make_train_chunk(
     arrays: TrainingArrays,
     config: DiffusionConfig,
     chunk: int,
+    mesh: Mesh | None = None,
 ):
     """A jitted ``state -> (state, {"loss": (chunk,)})`` running ``chunk`` denoising steps.
 
@@ -156,7 +158,8 @@ def make_train_chunk(
     control cells of the matching pool (the population the encoder summarises). With
     probability ``p_uncond`` a group's targets are its control cells and its condition is
     emptied (the "unconditional" model). Sampling, loss, gradient, optax update and EMA all
-    run inside one ``lax.scan``.
+    run inside one ``lax.scan``. With a ``mesh`` (:func:`cellflow.train.group_mesh`) each
+    step's groups are split over its devices.
     """
 
     def loss_fn(params, batch, key):
@@ -174,10 +177,10 @@ def make_train_chunk(
         losses = jax.vmap(group_loss)(batch.condition, batch.source, batch.target, jax.random.split(key, groups))
         return jnp.mean(losses), {}
 
-    def sample(key):
+    def sample(arrays, key):
         return sample_batches(arrays, key, config.batch_size, config.conditions_per_step)
 
-    return scanned_training_chunk(loss_fn, sample, optimizer, config.ema_decay, chunk)
+    return scanned_training_chunk(loss_fn, sample, optimizer, config.ema_decay, chunk, arrays, mesh)
 
 
 def generate(

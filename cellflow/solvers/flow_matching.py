@@ -19,6 +19,7 @@ from typing import Any
 
 import diffrax
 import jax
+from jax.sharding import Mesh
 import jax.numpy as jnp
 import optax
 from flax import nnx
@@ -203,12 +204,14 @@ def make_train_chunk(
     config: FlowMatchingConfig,
     chunk: int,
     prior: AffineResponse | None = None,
+    mesh: Mesh | None = None,
 ):
     """A jitted ``state -> (state, {"loss": (chunk,)})`` running ``chunk`` flow-matching steps.
 
     With a ``prior`` (per-group affine displacements of a baseline), the flow starts from the
     baseline's prediction ``prior_g(x0)`` instead of the control cells ``x0`` and learns only
-    what the baseline misses; the population encoder still sees the control cells.
+    what the baseline misses; the population encoder still sees the control cells. With a
+    ``mesh`` (:func:`cellflow.train.group_mesh`) each step's groups are split over its devices.
     """
 
     def loss_fn(params, batch, key):
@@ -230,10 +233,10 @@ def make_train_chunk(
         v = jax.vmap(group_velocity)(batch.condition, batch.source, t, x_t, jax.random.split(key_model, groups))
         return jnp.mean(jnp.sum((v - u) ** 2, axis=-1)), {}
 
-    def sample(key):
+    def sample(arrays, key):
         return sample_batches(arrays, key, config.batch_size, config.conditions_per_step)
 
-    return scanned_training_chunk(loss_fn, sample, optimizer, config.ema_decay, chunk)
+    return scanned_training_chunk(loss_fn, sample, optimizer, config.ema_decay, chunk, arrays, mesh)
 
 
 def _solver(name: str):

@@ -34,6 +34,7 @@ from functools import partial
 from typing import Any, NamedTuple
 
 import jax
+from jax.sharding import Mesh
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -223,8 +224,12 @@ def make_map_train_chunk(
     arrays: TrainingArrays,
     config: MongeMapConfig,
     chunk: int,
+    mesh: Mesh | None = None,
 ):
-    """A jitted ``state -> (state, {"loss", "fit", "monge_gap": (chunk,)})`` of ``chunk`` steps."""
+    """A jitted ``state -> (state, {"loss", "fit", "monge_gap": (chunk,)})`` of ``chunk`` steps.
+
+    With a ``mesh`` (:func:`cellflow.train.group_mesh`) each step's groups are split over its devices.
+    """
 
     def loss_fn(params, batch, key):
         model = nnx.merge(graphdef, params)
@@ -232,10 +237,10 @@ def make_map_train_chunk(
         fit, gap = fit.mean(), gap.mean()
         return fit + config.monge_gap * gap, {"fit": fit, "monge_gap": gap}
 
-    def sample(key):
+    def sample(arrays, key):
         return sample_batches(arrays, key, config.batch_size, config.conditions_per_step)
 
-    return scanned_training_chunk(loss_fn, sample, optimizer, config.ema_decay, chunk)
+    return scanned_training_chunk(loss_fn, sample, optimizer, config.ema_decay, chunk, arrays, mesh)
 
 
 @jax.jit

@@ -30,6 +30,7 @@ from typing import Any
 
 import diffrax
 import jax
+from jax.sharding import Mesh
 import jax.numpy as jnp
 import lineax
 import optax
@@ -153,6 +154,7 @@ def make_train_chunk(
     chunk: int,
     intervals: jax.Array | None = None,
     populations: TrainingArrays | None = None,
+    mesh: Mesh | None = None,
 ):
     """A jitted ``state -> (state, {"loss", "flow", "score": (chunk,)})`` of ``chunk`` steps.
 
@@ -175,20 +177,30 @@ def make_train_chunk(
     populations
         Arrays whose control pools the population encoder summarises (time-resolved data, where
         ``arrays``' sources are previous snapshots); default ``arrays``.
+    mesh
+        Devices over which each step's groups are split (:func:`cellflow.train.group_mesh`).
     """
     populations = arrays if populations is None else populations
     n_groups = arrays.group_start.shape[0]
     intervals = jnp.tile(jnp.array([[0.0, 1.0]]), (n_groups, 1)) if intervals is None else jnp.asarray(intervals)
 
-    def sample(key):
+    def sample(data, key):
+        arrays, populations = data
+        key_batch, key_population = jax.random.split(key)
         if config.coupling != "aligned":
-            return sample_batches(arrays, key, config.batch_size, config.conditions_per_step)
-        return _sample_aligned(arrays, key, config.batch_size, config.conditions_per_step)
+            batch = sample_batches(arrays, key_batch, config.batch_size, config.conditions_per_step)
+        else:
+            batch = _sample_aligned(arrays, key_batch, config.batch_size, config.conditions_per_step)
+        population = jax.vmap(lambda k, g: _sample_population(populations, k, g, config.batch_size))(
+            jax.random.split(key_population, config.conditions_per_step), batch.group
+        )
+        return batch, population
 
-    def loss_fn(params, batch, key):
+    def loss_fn(params, batch_and_population, key):
+        batch, population = batch_and_population
         model = nnx.merge(graphdef, params)
         groups = batch.source.shape[0]
-        key_couple, key_path, key_model, key_population = jax.random.split(key, 4)
+        key_couple, key_path, key_model = jax.random.split(key, 3)
         start, end = intervals[batch.group, 0], intervals[batch.group, 1]
         length = end - start
         x0, x1 = jax.lax.map(
@@ -199,10 +211,6 @@ def make_train_chunk(
         t, x_t, velocity, noise, weight = jax.vmap(bridge_sample, in_axes=(0, 0, 0, 0, None))(
             jax.random.split(key_path, groups), x0, x1, sigma_interval, config.t_margin
         )
-        population = jax.vmap(lambda k, g: _sample_population(populations, k, g, config.batch_size))(
-            jax.random.split(key_population, groups), batch.group
-        )
-
         def group_fields(condition, population, clock, x_t, key):
             key_encode, key_field = jax.random.split(key)
             encoded = model.encode(condition, population, key_encode, config.covariate_dropout)
@@ -215,7 +223,7 @@ def make_train_chunk(
         score = jnp.mean(jnp.sum((weight[..., None] * s * length[:, None, None] + noise) ** 2, axis=-1))
         return flow + config.score_weight * score, {"flow": flow, "score": score}
 
-    return scanned_training_chunk(loss_fn, sample, optimizer, config.ema_decay, chunk)
+    return scanned_training_chunk(loss_fn, sample, optimizer, config.ema_decay, chunk, (arrays, populations), mesh)
 
 
 def _sample_aligned(arrays: TrainingArrays, key: jax.Array, batch_size: int, n_groups: int):

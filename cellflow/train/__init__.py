@@ -1,13 +1,16 @@
 """The jitted training loop: scanned steps, optax schedules, EMA, orbax checkpoints with resume."""
 
 from cellflow.train._checkpoint import latest_checkpoint, restore_checkpoint, save_checkpoint
-from cellflow.train._loop import LoopResult, run_training
-from cellflow.train._state import TrainState, ema_update, key_data, make_optimizer, scanned_training_chunk
+from cellflow.train._loop import LoopResult, chunk_size, run_training
+from cellflow.train._state import GROUP_AXIS, TrainState, ema_update, group_mesh, key_data, make_optimizer, scanned_training_chunk
 
 __all__ = [
+    "GROUP_AXIS",
     "LoopResult",
     "TrainState",
+    "chunk_size",
     "ema_update",
+    "group_mesh",
     "key_data",
     "latest_checkpoint",
     "make_optimizer",

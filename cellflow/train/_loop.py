@@ -21,7 +21,7 @@ from cellflow._errors import CellflowValueError
 from cellflow.train._checkpoint import latest_checkpoint, restore_checkpoint, save_checkpoint
 from cellflow.train._state import TrainState
 
-__all__ = ["LoopResult", "run_training"]
+__all__ = ["LoopResult", "chunk_size", "run_training"]
 
 
 @dataclass
@@ -44,6 +44,17 @@ class LoopResult:
     best_ema: Any
     history: pd.DataFrame = field(default_factory=pd.DataFrame)
     stopped_early: bool = False
+
+
+def chunk_size(steps: int, chunk: int) -> int:
+    """Steps per dispatch: the largest divisor of ``steps`` that is at most ``chunk``.
+
+    So that ``fit(steps=n)`` runs exactly ``n`` steps (the learning-rate schedule ends where the
+    run does) while each dispatch still runs as many steps as allowed: 2,000 steps in chunks of
+    100, 250 steps in chunks of 50, 30 steps in one chunk of 30.
+    """
+    steps, chunk = int(steps), max(1, min(int(chunk), int(steps)))
+    return next(c for c in range(chunk, 0, -1) if steps % c == 0)
 
 
 def run_training(
@@ -71,7 +82,8 @@ def run_training(
     state
         Initial state (replaced by the latest checkpoint when ``resume``).
     steps
-        Total number of steps (a multiple of ``chunk`` is run: ``ceil(steps / chunk)`` chunks).
+        Total number of steps (a multiple of ``chunk`` is run: ``ceil(steps / chunk)`` chunks;
+        :func:`chunk_size` gives the largest chunk that divides ``steps``).
     evaluate
         ``ema_params -> score`` (lower is better), run every ``eval_every`` steps; the best EMA
         is kept and training stops after ``patience`` evaluations without improvement.

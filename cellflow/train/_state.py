@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-__all__ = ["TrainState", "make_optimizer", "ema_update", "scanned_training_chunk"]
+from cellflow._errors import CellflowValueError
+
+__all__ = ["GROUP_AXIS", "TrainState", "group_mesh", "make_optimizer", "ema_update", "scanned_training_chunk"]
+
+#: Name of the mesh axis over which a training step's condition groups are split.
+GROUP_AXIS = "groups"
 
 
 class TrainState(NamedTuple):
@@ -64,33 +70,100 @@ def key_data(key: jax.Array) -> jax.Array:
     return jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
 
 
+def group_mesh(n_groups: int, devices: int | Sequence[jax.Device] | None = None) -> Mesh | None:
+    """The 1-d mesh of devices over which a step's ``n_groups`` condition groups are split.
+
+    Parameters
+    ----------
+    n_groups
+        Condition groups per training step (``conditions_per_step``).
+    devices
+        ``None``: the most local devices whose number divides ``n_groups`` (all of them when it
+        does); an int: that many local devices; a sequence: those devices.
+
+    Returns
+    -------
+    ``None`` when one device does all the work (the step is then the plain single-device one),
+    else a :class:`jax.sharding.Mesh` with the axis :data:`GROUP_AXIS`.
+
+    Raises
+    ------
+    CellflowValueError
+        More devices asked for than exist, or a number that does not divide ``n_groups``.
+    """
+    available = jax.local_devices()
+    if devices is None:
+        count = max(c for c in range(1, len(available) + 1) if n_groups % c == 0)
+        chosen = available[:count]
+    elif isinstance(devices, int) and not isinstance(devices, bool):
+        if not 1 <= devices <= len(available):
+            raise CellflowValueError(f"devices={devices} is invalid: this process has {len(available)} local device(s).")
+        chosen = available[:devices]
+    else:
+        chosen = list(devices)
+    if n_groups % len(chosen):
+        raise CellflowValueError(
+            f"devices={len(chosen)} does not divide conditions_per_step={n_groups}: every device takes the same "
+            f"number of condition groups per step; valid device counts: "
+            f"{[c for c in range(1, len(available) + 1) if n_groups % c == 0]}."
+        )
+    return None if len(chosen) == 1 else Mesh(chosen, (GROUP_AXIS,))
+
+
 def scanned_training_chunk(
     loss_fn: Callable[[Any, Any, jax.Array], tuple[jax.Array, Mapping[str, jax.Array]]],
-    sample: Callable[[jax.Array], Any],
+    sample: Callable[[Any, jax.Array], Any],
     optimizer: optax.GradientTransformation,
     ema_decay: float,
     chunk: int,
+    data: Any = None,
+    mesh: Mesh | None = None,
 ) -> Callable[[TrainState], tuple[TrainState, dict[str, jax.Array]]]:
     """A jitted ``state -> (state, {"loss": (chunk,), ...})`` running ``chunk`` optimiser steps.
 
     Step ``s`` draws its key from ``fold_in(state.key, s)`` (so a resumed run replays the same
-    batches), samples ``batch = sample(key_batch)``, differentiates
+    batches), samples ``batch = sample(data, key_batch)``, differentiates
     ``loss_fn(params, batch, key_loss) -> (loss, {name: scalar})``, applies the optax update and
     the EMA, all inside one ``lax.scan``: a chunk is one dispatch with no host round trip. The
     returned dict holds the loss and every named term of each step.
-    """
 
-    def step(state: TrainState, _):
+    ``data`` (a PyTree of arrays: the training cells and their indices) is an argument of the
+    compiled function, not a constant folded into it, so compile time and memory do not grow
+    with the number of cells. ``sample`` and ``loss_fn`` must not close over large arrays.
+
+    With a ``mesh`` (:func:`group_mesh`) the step is data parallel: every leaf of the batch has
+    the condition groups on its leading axis, each device computes the loss and gradients of its
+    share of the groups (with its own key, folded from the step's), and the means over devices
+    update the replicated parameters. ``loss_fn`` must average over groups, so that the mean
+    of the devices' losses is the loss of the whole batch. Results are deterministic for a
+    given number of devices; they differ from a single device's only through the keys.
+    """
+    gradients = jax.value_and_grad(loss_fn, has_aux=True)
+    if mesh is not None:
+        def local_gradients(params, batch, key):
+            key = jax.random.fold_in(key, jax.lax.axis_index(GROUP_AXIS))
+            return jax.lax.pmean(jax.value_and_grad(loss_fn, has_aux=True)(params, batch, key), GROUP_AXIS)
+
+        gradients = jax.shard_map(
+            local_gradients, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec(GROUP_AXIS), PartitionSpec()),
+            out_specs=PartitionSpec(), check_vma=False,
+        )
+        data = jax.device_put(data, NamedSharding(mesh, PartitionSpec()))
+
+    def step(data, state: TrainState):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
         key_batch, key_loss = jax.random.split(key)
-        (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, sample(key_batch), key_loss)
+        (loss, terms), grads = gradients(state.params, sample(data, key_batch), key_loss)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = ema_update(state.ema, params, ema_decay, state.step)
         return TrainState(params, ema, opt_state, state.step + 1, state.key), {"loss": loss, **terms}
 
     @jax.jit
+    def run(state: TrainState, data: Any):
+        return jax.lax.scan(lambda state, _: step(data, state), state, None, length=chunk)
+
     def train_chunk(state: TrainState):
-        return jax.lax.scan(step, state, None, length=chunk)
+        return run(state, data)
 
     return train_chunk
