@@ -10,6 +10,8 @@ import subprocess
 import sys
 import textwrap
 
+import anndata as ad
+import numpy as np
 import pytest
 
 import cellflow as cf
@@ -69,7 +71,9 @@ def test_device_count_must_divide_the_groups_per_step(two_device_run):
     assert "valid device counts: [1]" in two_device_run["error"]
 
 
-def test_one_device_trains_without_a_mesh():
-    assert cf.train.group_mesh(8) is None or len(cf.train.group_mesh(8).devices.flat) > 1
-    with pytest.raises(cf.CellflowValueError, match="local device"):
+def test_one_device_trains_without_a_mesh_and_bad_counts_are_named():
+    assert cf.train.group_mesh(8, 1) is None  # the plain single-device step
+    with pytest.raises(cf.CellflowValueError, match="devices=10000 is invalid: this process has"):
         cf.train.group_mesh(8, 10_000)
+    with pytest.raises(cf.CellflowValueError, match="devices=0 .* expected a positive integer or None"):
+        cf.ResponseModel(ad.AnnData(np.zeros((4, 2), np.float32), obs={"condition": ["control", "A"] * 2}), rep="X", devices=0)

@@ -64,7 +64,7 @@ def _one_of(*choices):
 
 
 def _optional_positive_int(value):
-    return None if value is None else _positive_int(value)
+    return None if value is None or _positive_int(value) is None else "expected a positive integer or None."
 
 
 def _optional_path(value):
@@ -156,7 +156,7 @@ class FlowMatching(Method):
         "eval_every": Option(500, "steps between validation evaluations", _positive_int),
         "patience": Option(5, "evaluations without improvement before stopping", _positive_int),
         "chunk": Option(100, "most steps per jitted dispatch (the largest divisor of steps up to this is used)", _positive_int),
-        "devices": Option(None, "devices a step's condition groups are split over (None: every local device that divides conditions_per_step)", _optional_positive_int),
+        "devices": Option(1, "devices a step's condition groups are split over (None: every local device that divides conditions_per_step)", _optional_positive_int),
         "checkpoint_dir": Option(None, "directory of orbax training checkpoints", _optional_path),
         "checkpoint_every": Option(1000, "steps between checkpoints", _positive_int),
         "prior": Option(

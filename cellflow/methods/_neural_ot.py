@@ -139,7 +139,7 @@ class NeuralOT(Method):
         "warmup": Option(200, "warm-up steps (conditional map)", _non_negative),
         "ema_decay": Option(0.999, "EMA decay of the weights used to predict", _fraction),
         "chunk": Option(100, "most steps per jitted dispatch (the largest divisor of steps up to this is used)", _positive_int),
-        "devices": Option(None, "devices a step's condition groups are split over (None: every local device that divides conditions_per_step)", _optional_positive_int),
+        "devices": Option(1, "devices a step's condition groups are split over, conditional map (None: every local device that divides conditions_per_step)", _optional_positive_int),
         "checkpoint_dir": Option(None, "directory of orbax training checkpoints", _optional_path),
         "checkpoint_every": Option(1000, "steps between checkpoints", _positive_int),
     }
