@@ -237,3 +237,20 @@ def test_fit_runs_exactly_the_requested_number_of_steps():
     model = cf.ResponseModel(adata, rep="X", method="flow_matching", **SMALL).fit(steps=30, batch_size=16, progress=False)
     assert list(model.history_["step"]) == [30]
 
+
+
+def test_interaction_penalty_leaves_an_additive_combination_to_the_member_fields():
+    """A+B is exactly additive here; the additivity prior keeps the interaction field quiet."""
+    rng = np.random.default_rng(0)
+    shifts = {"control": [0.0, 0.0], "A": [3.0, 0.0], "B": [0.0, -2.0], "A+B": [3.0, -2.0]}
+    x = np.vstack([rng.normal(size=(80, 2)) + shift for shift in shifts.values()]).astype(np.float32)
+    adata = ad.AnnData(X=x, obs={"condition": np.repeat(list(shifts), 80)})
+    interaction = {}
+    for penalty in (0.0, 10.0):
+        model = cf.ResponseModel(adata, rep="X", method="flow_matching", interaction_penalty=penalty, **{**SMALL, "learning_rate": 1e-2})
+        history = model.fit(steps=100, batch_size=32, progress=False).history_
+        assert {"loss", "flow", "interaction"} <= set(history)
+        interaction[penalty] = history["interaction"].iloc[-1]
+        shift = (model.predict(adata[:80], "A+B").X - adata[:80].X).mean(axis=0)
+        np.testing.assert_allclose(shift, [3.0, -2.0], atol=0.6)
+    assert interaction[10.0] < 0.2 * interaction[0.0]

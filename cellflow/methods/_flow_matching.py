@@ -148,6 +148,9 @@ class FlowMatching(Method):
         "sigma": Option(2.0, "noise of the probability path, in units of the control cells' spread", _non_negative),
         "ema_decay": Option(0.999, "EMA decay of the weights used to predict", _fraction),
         "covariate_dropout": Option(0.1, "probability of hiding a covariate value in training", _fraction),
+        "interaction_penalty": Option(
+            1.0, "weight of the interaction field's squared velocity in the loss (an additivity prior for combinations)", _non_negative
+        ),
         "group_weighting": Option("uniform", "draw groups 'uniform'ly or by 'size'", _one_of("uniform", "size")),
         "solver": Option("heun", f"ODE solver: one of {list(_SOLVERS)}", _one_of(*_SOLVERS)),
         "n_steps": Option(16, "ODE steps of fixed-step solvers", _positive_int),
@@ -179,6 +182,7 @@ class FlowMatching(Method):
             sigma=float(options["sigma"]) * noise_scale,
             ema_decay=float(options["ema_decay"]),
             covariate_dropout=float(options["covariate_dropout"]),
+            interaction_penalty=float(options["interaction_penalty"]),
             population_size=options["population_size"],
         )
 

@@ -187,6 +187,14 @@ class ResponseField(nnx.Module):
     # -- velocity -----------------------------------------------------------------------------
     def __call__(self, t: jax.Array, x: jax.Array, encoded: Encoded, key: jax.Array | None = None) -> jax.Array:
         """Velocity ``(B, d)`` at times ``t`` ``(B,)`` (or a scalar) and positions ``x`` ``(B, d)``."""
+        velocity, interaction = self.velocity_terms(t, x, encoded, key)
+        return velocity + interaction
+
+    def velocity_terms(
+        self, t: jax.Array, x: jax.Array, encoded: Encoded, key: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array]:
+        """The two parts of the velocity, each ``(B, d)``: the sum of the member fields, and the
+        interaction field's contribution (zero unless the condition has several members)."""
         t = jnp.broadcast_to(jnp.asarray(t, x.dtype), x.shape[:1])
         tokens, mask, context, centre = encoded
         x = x - centre
@@ -202,4 +210,4 @@ class ResponseField(nnx.Module):
         interaction = self.interaction_field(
             t, x, jnp.concatenate([self._pool(tokens, mask), pairs, context]), keys[1]
         )
-        return velocity + jnp.where(mask.sum() > 1, 1.0, 0.0) * interaction
+        return velocity, jnp.where(mask.sum() > 1, 1.0, 0.0) * interaction
