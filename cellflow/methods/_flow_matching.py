@@ -123,6 +123,15 @@ class FlowMatching(Method):
     cost a little. The exact bridge velocity as target did worse (Kang 0.334 against 0.278 at
     sigma 1.3).
 
+    ``interaction_penalty=1`` adds the interaction field's mean squared velocity to the loss
+    (an additivity prior): the member fields then explain as much of every seen combination as
+    they can, and the interaction field, whose guess for an unseen pair is an extrapolation,
+    only the rest. It only acts on combinations. On the synthetic default (held-out
+    combinations scored against 2,000 cells of the true response, seeds 0/1/2) it moved
+    flow matching from 0.161 / 0.129 / 0.329 to 0.129 / 0.114 / 0.307 (mean_shift 0.181 /
+    0.201 / 0.441), better on both the additive and the synergistic held-out pair of every
+    seed; 0.1 gave 0.147 at seed 0.
+
     ``prior="mean_shift"`` or ``"gaussian_ot"`` starts the flow from that baseline's prediction
     and learns only the remainder. It is off by default: measured on Kang 2018 it changed the
     held-out-patient energy distance from 0.458 to 0.428 (mean_shift prior) and 0.685
