@@ -184,7 +184,9 @@ class Diffusion(Method):
         model = self.build(data.spec, embeddings.dim, options, seed)
         optimizer = make_optimizer(options["learning_rate"], steps, warmup=options["warmup"], weight_decay=options["weight_decay"])
         graphdef, state = diff.init_state(model, optimizer, key)
-        train_chunk = diff.make_train_chunk(graphdef, optimizer, arrays, config, chunk_size(steps, options["chunk"]), group_mesh(config.conditions_per_step, options["devices"])
+        train_chunk = diff.make_train_chunk(
+            graphdef, optimizer, arrays, config, chunk_size(steps, options["chunk"]),
+            group_mesh(config.conditions_per_step, options["devices"]),
         )
         evaluate = None
         if validation is not None:

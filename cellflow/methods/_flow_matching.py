@@ -218,7 +218,8 @@ class FlowMatching(Method):
         model = self.build(data.spec, embeddings.dim, options, seed)
         optimizer = make_optimizer(options["learning_rate"], steps, warmup=options["warmup"], weight_decay=options["weight_decay"])
         graphdef, state = fm.init_state(model, optimizer, key)
-        train_chunk = fm.make_train_chunk(graphdef, optimizer, arrays, config, chunk_size(steps, options["chunk"]), prior,
+        train_chunk = fm.make_train_chunk(
+            graphdef, optimizer, arrays, config, chunk_size(steps, options["chunk"]), prior,
             group_mesh(config.conditions_per_step, options["devices"]),
         )
         evaluate = None

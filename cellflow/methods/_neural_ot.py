@@ -188,7 +188,8 @@ class NeuralOT(Method):
         optimizer = make_optimizer(options["learning_rate"], steps, warmup=options["warmup"], weight_decay=options["weight_decay"])
         graphdef, state = fm.init_state(model, optimizer, key)
         train_chunk = neural_ot.make_map_train_chunk(
-            graphdef, optimizer, arrays, config, chunk_size(steps, options["chunk"]), group_mesh(config.conditions_per_step, options["devices"])
+            graphdef, optimizer, arrays, config, chunk_size(steps, options["chunk"]),
+            group_mesh(config.conditions_per_step, options["devices"]),
         )
         evaluate = None
         if validation is not None:

@@ -166,7 +166,8 @@ class SchrodingerBridge(Method):
         model = self.build(data.spec, embeddings.dim, options, seed)
         optimizer = make_optimizer(options["learning_rate"], steps, warmup=options["warmup"], weight_decay=options["weight_decay"])
         graphdef, state = fm.init_state(model, optimizer, jax.random.key(seed))
-        train_chunk = sb.make_train_chunk(graphdef, optimizer, arrays, config, chunk_size(steps, options["chunk"]), intervals, populations,
+        train_chunk = sb.make_train_chunk(
+            graphdef, optimizer, arrays, config, chunk_size(steps, options["chunk"]), intervals, populations,
             group_mesh(config.conditions_per_step, options["devices"]),
         )
         evaluate = None

@@ -34,11 +34,11 @@ from typing import Any
 
 import diffrax
 import jax
-from jax.sharding import Mesh
 import jax.numpy as jnp
 import lineax
 import optax
 from flax import nnx
+from jax.sharding import Mesh
 
 from cellflow.data import ConditionArrays, TrainingArrays, sample_batches
 from cellflow.nn import Denoiser

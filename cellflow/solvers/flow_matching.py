@@ -19,10 +19,10 @@ from typing import Any
 
 import diffrax
 import jax
-from jax.sharding import Mesh
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import Mesh
 from ott.geometry import pointcloud
 from ott.problems.linear import linear_problem
 from ott.solvers.linear import acceleration, sinkhorn

@@ -34,11 +34,11 @@ from functools import partial
 from typing import Any, NamedTuple
 
 import jax
-from jax.sharding import Mesh
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import linen, nnx
+from jax.sharding import Mesh
 from ott.geometry import pointcloud
 from ott.neural.methods import neuraldual
 from ott.neural.networks import icnn, potentials

@@ -30,11 +30,11 @@ from typing import Any
 
 import diffrax
 import jax
-from jax.sharding import Mesh
 import jax.numpy as jnp
 import lineax
 import optax
 from flax import nnx
+from jax.sharding import Mesh
 
 from cellflow.data import ConditionArrays, TrainingArrays, sample_batches
 from cellflow.solvers.flow_matching import sample_plan
@@ -211,6 +211,7 @@ def make_train_chunk(
         t, x_t, velocity, noise, weight = jax.vmap(bridge_sample, in_axes=(0, 0, 0, 0, None))(
             jax.random.split(key_path, groups), x0, x1, sigma_interval, config.t_margin
         )
+
         def group_fields(condition, population, clock, x_t, key):
             key_encode, key_field = jax.random.split(key)
             encoded = model.encode(condition, population, key_encode, config.covariate_dropout)

@@ -92,9 +92,9 @@ def group_mesh(n_groups: int, devices: int | Sequence[jax.Device] | None = None)
         More devices asked for than exist, or a number that does not divide ``n_groups``.
     """
     available = jax.local_devices()
+    valid_counts = [c for c in range(1, len(available) + 1) if n_groups % c == 0]
     if devices is None:
-        count = max(c for c in range(1, len(available) + 1) if n_groups % c == 0)
-        chosen = available[:count]
+        chosen = available[: valid_counts[-1]]
     elif isinstance(devices, int) and not isinstance(devices, bool):
         if not 1 <= devices <= len(available):
             raise CellflowValueError(f"devices={devices} is invalid: this process has {len(available)} local device(s).")
@@ -104,8 +104,7 @@ def group_mesh(n_groups: int, devices: int | Sequence[jax.Device] | None = None)
     if n_groups % len(chosen):
         raise CellflowValueError(
             f"devices={len(chosen)} does not divide conditions_per_step={n_groups}: every device takes the same "
-            f"number of condition groups per step; valid device counts: "
-            f"{[c for c in range(1, len(available) + 1) if n_groups % c == 0]}."
+            f"number of condition groups per step; valid device counts: {valid_counts}."
         )
     return None if len(chosen) == 1 else Mesh(chosen, (GROUP_AXIS,))
 
@@ -128,8 +127,8 @@ def scanned_training_chunk(
     returned dict holds the loss and every named term of each step.
 
     ``data`` (a PyTree of arrays: the training cells and their indices) is an argument of the
-    compiled function, not a constant folded into it, so compile time and memory do not grow
-    with the number of cells. ``sample`` and ``loss_fn`` must not close over large arrays.
+    compiled function, not a constant folded into it, so the compiled program holds no copy of
+    the cells. ``sample`` and ``loss_fn`` must not close over large arrays.
 
     With a ``mesh`` (:func:`group_mesh`) the step is data parallel: every leaf of the batch has
     the condition groups on its leading axis, each device computes the loss and gradients of its
@@ -138,11 +137,12 @@ def scanned_training_chunk(
     of the devices' losses is the loss of the whole batch. Results are deterministic for a
     given number of devices; they differ from a single device's only through the keys.
     """
-    gradients = jax.value_and_grad(loss_fn, has_aux=True)
+    value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+    gradients = value_and_grad
     if mesh is not None:
         def local_gradients(params, batch, key):
             key = jax.random.fold_in(key, jax.lax.axis_index(GROUP_AXIS))
-            return jax.lax.pmean(jax.value_and_grad(loss_fn, has_aux=True)(params, batch, key), GROUP_AXIS)
+            return jax.lax.pmean(value_and_grad(params, batch, key), GROUP_AXIS)
 
         gradients = jax.shard_map(
             local_gradients, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec(GROUP_AXIS), PartitionSpec()),
