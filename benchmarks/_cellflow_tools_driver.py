@@ -24,8 +24,13 @@ that holds ``cellflow-tools`` and ``requests`` (an import-time dependency it doe
 - Prediction pushes the first ``--cells`` control cells of ``--predict`` through every
   condition with the default ODE settings of ``CellFlow.predict``, timing the whole call.
 
+- ``--more-steps`` continues training to further cumulative step counts and predicts at each,
+  which gives points of the training curve (``points`` in the JSON: cumulative timed training
+  seconds and prediction seconds per point).
+
 Writes a JSON file (``--out``) and the predictions to ``<out stem>_predictions.npz``
-(``predictions_<condition>`` arrays of shape ``(cells, features)``, rows in source order).
+(``predictions_<condition>`` arrays of shape ``(cells, features)``, rows in source order;
+``step<S>_predictions_<condition>`` for the points of ``--more-steps``).
 """
 
 from __future__ import annotations
@@ -75,8 +80,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, required=True)
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--warmup-steps", type=int, required=True)
+    parser.add_argument(
+        "--more-steps", type=int, nargs="*", default=[],
+        help="after --steps, keep training to these cumulative numbers of timed steps, predicting at each",
+    )
     parser.add_argument("--out", type=Path, required=True, help="JSON file to write")
     args = parser.parse_args(argv)
+    if any(b <= a for a, b in zip([args.steps, *args.more_steps], args.more_steps)):
+        parser.error("--more-steps must increase, starting above --steps")
     sized = [args.width, args.depth, args.token_dim]
     if args.defaults and any(v is not None for v in sized):
         parser.error("--defaults excludes --width, --depth and --token-dim")
@@ -260,7 +271,8 @@ def train_timed(model: CellFlow, batch_size: int, steps: int, warmup_steps: int)
         model.train(num_iterations=n, batch_size=batch_size, valid_freq=max(n, 1))
         jax.block_until_ready(model.solver.vf_state.params)
 
-    run(warmup_steps)
+    if warmup_steps:
+        run(warmup_steps)
     start = time.perf_counter()
     run(steps)
     seconds = time.perf_counter() - start
@@ -384,10 +396,22 @@ def main(argv: list[str] | None = None) -> None:
 
     timing = train_timed(model, args.batch_size, args.steps, args.warmup_steps)
     predictions, predict_seconds = predict_timed(model, source, conditions, n_slots, reps)
+    arrays = {f"predictions_{c}": p for c, p in predictions.items()}
+
+    # Further points of the training curve: continue training (CellFlow.train keeps the
+    # parameters and optimiser state between calls) and predict again. Their wall time is the
+    # setup plus the cumulative timed training, prediction excluded.
+    points = [{"steps": args.steps, "train_seconds": timing["train_seconds"], "predict_seconds": predict_seconds}]
+    for total in args.more_steps:
+        more = train_timed(model, args.batch_size, total - points[-1]["steps"], 0)
+        point_predictions, point_seconds = predict_timed(model, source, conditions, n_slots, reps)
+        points.append({"steps": total, "train_seconds": points[-1]["train_seconds"] + more["train_seconds"],
+                       "predict_seconds": point_seconds})
+        arrays |= {f"step{total}_predictions_{c}": p for c, p in point_predictions.items()}
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     npz = args.out.with_name(f"{args.out.stem}_predictions.npz")
-    np.savez(npz, **{f"predictions_{c}": p for c, p in predictions.items()})
+    np.savez(npz, **arrays)
     record = {
         "method": "cellflow-tools CellFlow (otfm)",
         "network": "prepare_model defaults" if args.defaults else kwargs,
@@ -407,6 +431,7 @@ def main(argv: list[str] | None = None) -> None:
         "conditions": conditions,
         "cells_per_condition": int(source.n_obs),
         "predict_seconds": predict_seconds,
+        "points": points,
         "predictions": str(npz),
         **versions(),
     }

