@@ -16,9 +16,11 @@ training data has no combinations (``K = 1``) the interaction field is not evalu
 ``field="joint"`` instead evaluates one field on the pooled member tokens, the pair features and
 the context, ``v(t, x | c) = [K > 0] f(t, x | pool(tokens), pairs, context)`` (the structure of
 set-encoder models such as theislab's CellFlow): one network evaluation per cell whatever ``K``,
-at the price of the additive starting point for unseen combinations. ``context`` holds covariate embeddings and, optionally, a DeepSets
-summary of the source population, which lets a new patient's untreated cells steer the
-prediction. The control condition (no members) has zero velocity by construction.
+at the price of the additive starting point for unseen combinations.
+
+``context`` holds covariate embeddings and, optionally, a DeepSets summary of the source
+population, which lets a new patient's untreated cells steer the prediction. The control
+condition (no members) has zero velocity by construction.
 """
 
 from __future__ import annotations
