@@ -102,6 +102,22 @@ def response_field_options(
     return options
 
 
+def training_loop_options(devices_scope: str = "") -> dict[str, Option]:
+    """The options of the jitted training loop (``chunk``, ``devices``, ``checkpoint_dir``,
+    ``checkpoint_every``) for a method's table; ``devices_scope`` says which network ``devices``
+    applies to when a method has several (e.g. ``", conditional map"``)."""
+    return {
+        "chunk": Option(100, "most steps per jitted dispatch (the largest divisor of steps up to this is used)", _positive_int),
+        "devices": Option(
+            1,
+            f"devices a step's condition groups are split over{devices_scope} (None: every local device that divides conditions_per_step)",
+            _optional_positive_int,
+        ),
+        "checkpoint_dir": Option(None, "directory of orbax training checkpoints", _optional_path),
+        "checkpoint_every": Option(1000, "steps between checkpoints", _positive_int),
+    }
+
+
 class FlowMatching(Method):
     """Conditional optimal-transport flow matching (the flagship).
 
@@ -180,10 +196,7 @@ class FlowMatching(Method):
         "validation_fraction": Option(0.0, "share of each group's cells held out for early stopping", _fraction),
         "eval_every": Option(500, "steps between validation evaluations", _positive_int),
         "patience": Option(5, "evaluations without improvement before stopping", _positive_int),
-        "chunk": Option(100, "most steps per jitted dispatch (the largest divisor of steps up to this is used)", _positive_int),
-        "devices": Option(1, "devices a step's condition groups are split over (None: every local device that divides conditions_per_step)", _optional_positive_int),
-        "checkpoint_dir": Option(None, "directory of orbax training checkpoints", _optional_path),
-        "checkpoint_every": Option(1000, "steps between checkpoints", _positive_int),
+        **training_loop_options(),
         "prior": Option(
             "none",
             "start the flow from a baseline's prediction and learn the rest: 'none', 'mean_shift' or 'gaussian_ot'",

@@ -28,8 +28,6 @@ from cellflow.methods._flow_matching import (
     _known_covariates,
     _non_negative,
     _one_of,
-    _optional_path,
-    _optional_positive_int,
     _positive_int,
     _split_validation,
     _validation_scorer,
@@ -37,6 +35,7 @@ from cellflow.methods._flow_matching import (
     params_from_arrays,
     params_to_arrays,
     response_field_options,
+    training_loop_options,
     train_with_options,
 )
 from cellflow.nn import ResponseField
@@ -138,10 +137,7 @@ class NeuralOT(Method):
         "weight_decay": Option(0.0, "AdamW weight decay (conditional map)", _non_negative),
         "warmup": Option(200, "warm-up steps (conditional map)", _non_negative),
         "ema_decay": Option(0.999, "EMA decay of the weights used to predict", _fraction),
-        "chunk": Option(100, "most steps per jitted dispatch (the largest divisor of steps up to this is used)", _positive_int),
-        "devices": Option(1, "devices a step's condition groups are split over, conditional map (None: every local device that divides conditions_per_step)", _optional_positive_int),
-        "checkpoint_dir": Option(None, "directory of orbax training checkpoints", _optional_path),
-        "checkpoint_every": Option(1000, "steps between checkpoints", _positive_int),
+        **training_loop_options(", conditional map"),
     }
 
     # -- conditional map ----------------------------------------------------------------------

@@ -30,8 +30,6 @@ from cellflow.methods._flow_matching import (
     _known_covariates,
     _non_negative,
     _one_of,
-    _optional_path,
-    _optional_positive_int,
     _positive_int,
     _split_validation,
     _unit_interval,
@@ -40,6 +38,7 @@ from cellflow.methods._flow_matching import (
     params_from_arrays,
     params_to_arrays,
     response_field_options,
+    training_loop_options,
     train_with_options,
 )
 from cellflow.nn import BridgeField
@@ -114,10 +113,7 @@ class SchrodingerBridge(Method):
         "validation_fraction": Option(0.0, "share of each group's cells held out for early stopping", _fraction),
         "eval_every": Option(500, "steps between validation evaluations", _positive_int),
         "patience": Option(5, "evaluations without improvement before stopping", _positive_int),
-        "chunk": Option(100, "most steps per jitted dispatch (the largest divisor of steps up to this is used)", _positive_int),
-        "devices": Option(1, "devices a step's condition groups are split over (None: every local device that divides conditions_per_step)", _optional_positive_int),
-        "checkpoint_dir": Option(None, "directory of orbax training checkpoints", _optional_path),
-        "checkpoint_every": Option(1000, "steps between checkpoints", _positive_int),
+        **training_loop_options(),
     }
 
     def _config(self, options: Mapping[str, Any], batch_size: int) -> sb.BridgeConfig:
