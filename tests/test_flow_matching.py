@@ -238,13 +238,17 @@ def test_fit_runs_exactly_the_requested_number_of_steps():
     assert list(model.history_["step"]) == [30]
 
 
+def shifted_conditions(shifts, seed, n=80):
+    """``n`` cells of N(0, I) in 2-d per condition, moved by that condition's shift."""
+    rng = np.random.default_rng(seed)
+    x = np.vstack([rng.normal(size=(n, 2)) + shift for shift in shifts.values()]).astype(np.float32)
+    return ad.AnnData(X=x, obs={"condition": np.repeat(list(shifts), n)})
+
 
 def test_interaction_penalty_leaves_an_additive_combination_to_the_member_fields():
     """A+B is exactly additive here; the additivity prior keeps the interaction field quiet."""
-    rng = np.random.default_rng(0)
     shifts = {"control": [0.0, 0.0], "A": [3.0, 0.0], "B": [0.0, -2.0], "A+B": [3.0, -2.0]}
-    x = np.vstack([rng.normal(size=(80, 2)) + shift for shift in shifts.values()]).astype(np.float32)
-    adata = ad.AnnData(X=x, obs={"condition": np.repeat(list(shifts), 80)})
+    adata = shifted_conditions(shifts, seed=0)
     interaction = {}
     for penalty in (0.0, 10.0):
         model = cf.ResponseModel(adata, rep="X", method="flow_matching", interaction_penalty=penalty, **{**SMALL, "learning_rate": 1e-2})
@@ -258,10 +262,8 @@ def test_interaction_penalty_leaves_an_additive_combination_to_the_member_fields
 
 def test_joint_field_learns_singles_and_combinations_with_one_network():
     """``field="joint"``: one field of the pooled condition instead of one per member."""
-    rng = np.random.default_rng(1)
     shifts = {"control": [0.0, 0.0], "A": [3.0, 0.0], "B": [0.0, -2.0], "A+B": [1.0, 1.0]}
-    x = np.vstack([rng.normal(size=(80, 2)) + shift for shift in shifts.values()]).astype(np.float32)
-    adata = ad.AnnData(X=x, obs={"condition": np.repeat(list(shifts), 80)})
+    adata = shifted_conditions(shifts, seed=1)
     model = cf.ResponseModel(adata, rep="X", method="flow_matching", field="joint", **{**SMALL, "learning_rate": 1e-2})
     history = model.fit(steps=150, batch_size=32, progress=False).history_
     assert (history["interaction"] == 0).all()
