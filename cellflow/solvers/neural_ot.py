@@ -48,7 +48,7 @@ from ott.solvers.linear import acceleration, sinkhorn
 from cellflow.data import ConditionArrays, TrainingArrays, sample_batches
 from cellflow.nn import ResponseField
 from cellflow.solvers.flow_matching import checked_plan
-from cellflow.train import TrainState, ema_update, scanned_training_chunk
+from cellflow.train import TrainState, ema_update, scanned_training_chunk, shared_jit
 
 __all__ = [
     "DualConfig",
@@ -418,13 +418,13 @@ def make_dual_train_chunk(data: DualData, optimizer: optax.GradientTransformatio
             potential_gradient_fn=template.potential_gradient_fn,
         )
 
-    def draw(key, start, size):
-        return data.cells[start + jax.random.randint(key, (config.batch_size,), 0, size)]
+    def draw(cells, key, start, size):
+        return cells[start + jax.random.randint(key, (config.batch_size,), 0, size)]
 
-    def condition_step(params, opt_state, step, key, source_start, source_size, target_start, target_size):
+    def condition_step(cells, params, opt_state, step, key, source_start, source_size, target_start, target_size):
         def batch(k):
             k_source, k_target = jax.random.split(k)
-            return {"source": draw(k_source, source_start, source_size), "target": draw(k_target, target_start, target_size)}
+            return {"source": draw(cells, k_source, source_start, source_size), "target": draw(cells, k_target, target_start, target_size)}
 
         state_f = train_state(params["f"], opt_state["f"], step)
         state_g = train_state(params["g"], opt_state["g"], step)
@@ -443,10 +443,11 @@ def make_dual_train_chunk(data: DualData, optimizer: optax.GradientTransformatio
             w2,
         )
 
-    def step(state: TrainState, _):
+    def step(data: DualData, state: TrainState):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
         n_conditions = data.source_start.shape[0]
-        params, opt_state, loss, w2 = jax.vmap(condition_step, in_axes=(0, 0, None, 0, 0, 0, 0, 0))(
+        params, opt_state, loss, w2 = jax.vmap(condition_step, in_axes=(None, 0, 0, None, 0, 0, 0, 0, 0))(
+            data.cells,
             state.params,
             state.opt_state,
             state.step,
@@ -459,10 +460,15 @@ def make_dual_train_chunk(data: DualData, optimizer: optax.GradientTransformatio
         ema = ema_update(state.ema, params, config.ema_decay, state.step)
         return TrainState(params, ema, opt_state, state.step + 1, state.key), (loss.mean(), w2.mean())
 
-    @jax.jit
-    def train_chunk(state: TrainState):
-        state, (loss, w2) = jax.lax.scan(step, state, None, length=chunk)
+    def scan_steps(state: TrainState, data: DualData):
+        state, (loss, w2) = jax.lax.scan(lambda state, _: step(data, state), state, None, length=chunk)
         return state, {"loss": loss, "w2": w2}
+
+    # the cells are an argument, not constants folded into the program
+    run = shared_jit(scan_steps)
+
+    def train_chunk(state: TrainState):
+        return run(state, data)
 
     return train_chunk
 

@@ -11,6 +11,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cellflow._errors import CellflowValueError
+from cellflow.train._compile import shared_jit
 
 __all__ = ["GROUP_AXIS", "TrainState", "group_mesh", "make_optimizer", "ema_update", "scanned_training_chunk"]
 
@@ -165,9 +166,10 @@ def scanned_training_chunk(
         ema = ema_update(state.ema, params, ema_decay, state.step)
         return TrainState(params, ema, opt_state, state.step + 1, state.key), {"loss": loss, **terms}
 
-    @jax.jit
-    def run(state: TrainState, data: Any):
+    def scan_steps(state: TrainState, data: Any):
         return jax.lax.scan(lambda state, _: step(data, state), state, None, length=chunk)
+
+    run = shared_jit(scan_steps, context=None if mesh is None else (tuple(d.id for d in mesh.devices.flat), mesh.axis_names))
 
     def train_chunk(state: TrainState):
         return run(state, data)
