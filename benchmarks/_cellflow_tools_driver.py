@@ -263,7 +263,8 @@ def train_timed(model: CellFlow, batch_size: int, steps: int, warmup_steps: int)
 
     Returns
     -------
-    ``train_seconds``, ``steps_per_second`` and ``final_loss``.
+    ``warmup_seconds`` (compilation and the warm-up iterations), ``train_seconds``,
+    ``steps_per_second`` and ``final_loss``.
     """
 
     def run(n: int) -> None:
@@ -271,13 +272,16 @@ def train_timed(model: CellFlow, batch_size: int, steps: int, warmup_steps: int)
         model.train(num_iterations=n, batch_size=batch_size, valid_freq=max(n, 1))
         jax.block_until_ready(model.solver.vf_state.params)
 
+    start = time.perf_counter()
     if warmup_steps:
         run(warmup_steps)
+    warmup_seconds = time.perf_counter() - start
     start = time.perf_counter()
     run(steps)
     seconds = time.perf_counter() - start
     losses = model.trainer.training_logs["loss"]
     return {
+        "warmup_seconds": warmup_seconds,
         "train_seconds": seconds,
         "steps_per_second": steps / seconds,
         "final_loss": float(losses[-1]) if losses else None,
