@@ -105,6 +105,8 @@ def run_training(
     n_chunks = -(-steps // chunk)
     best_score, best_ema, waited, stopped = np.inf, state.ema, 0, False
     bar = tqdm(total=n_chunks * chunk, initial=min(start, n_chunks * chunk), desc=description, disable=not progress, unit="step")
+    # the first dispatch traces and compiles the chunk (seconds) before any step runs
+    bar.set_postfix_str("compiling")
     clock = time.perf_counter()
     while int(state.step) < n_chunks * chunk:
         state, metrics = train_chunk(state)
@@ -126,8 +128,8 @@ def run_training(
             else:
                 waited += 1
         history.append(row)
+        bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k != "step"}, refresh=False)
         bar.update(chunk)
-        bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k != "step"})
         if checkpoint_dir is not None and (step % checkpoint_every < chunk or step >= n_chunks * chunk):
             save_checkpoint(checkpoint_dir, state, history)
         if evaluate is not None and waited >= patience:
