@@ -30,10 +30,20 @@ SCRIPT = textwrap.dedent(
     adata = ad.AnnData(X=x.astype(np.float32), obs={"condition": ["control"] * n + ["A"] * n + ["B"] * n})
     small = dict(width=32, depth=1, token_dim=8, context_dim=8, conditions_per_step=2, chunk=40, warmup=10, learning_rate=1e-2)
     source = adata[:n]
-    out = {"devices": len(jax.devices())}
+    out = {"devices": len(jax.devices()), "compilations": []}
+    compilations = {"n": 0}
+    real_compile = jax.stages.Lowered.compile
+
+    def counting_compile(self, *args, **kwargs):
+        compilations["n"] += 1
+        return real_compile(self, *args, **kwargs)
+
+    jax.stages.Lowered.compile = counting_compile
     for devices in (1, 2, 2):
         model = cf.ResponseModel(adata, rep="X", method="flow_matching", devices=devices, **small)
+        before = compilations["n"]
         model.fit(steps=120, batch_size=32, seed=1, progress=False)
+        out["compilations"].append(compilations["n"] - before)
         shift = (model.predict(source, "A").X - source.X).mean(axis=0)
         out.setdefault(str(devices), []).append({"shift": shift.tolist(), "loss": model.history_["loss"].tolist()})
     mesh = cf.train.group_mesh(2)
@@ -64,6 +74,12 @@ def test_two_devices_learn_what_one_device_learns(two_device_run):
     # the loss of the last 40 steps (one chunk): about 0.6 either way, at every seed tried
     assert abs(two["loss"][-1] - one["loss"][-1]) < 0.25 * one["loss"][-1]
     assert two == again  # deterministic for a given number of devices
+
+
+def test_sharded_training_compiles_its_chunk_once_and_refits_reuse_it(two_device_run):
+    # one program per device count; the state enters every chunk with the same shardings (the
+    # first chunk used to compile a second program for the replicated state it returned)
+    assert two_device_run["compilations"] == [1, 1, 0]
 
 
 def test_device_count_must_divide_the_groups_per_step(two_device_run):

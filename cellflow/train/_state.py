@@ -170,8 +170,13 @@ def scanned_training_chunk(
         return jax.lax.scan(lambda state, _: step(data, state), state, None, length=chunk)
 
     run = shared_jit(scan_steps, context=None if mesh is None else (tuple(d.id for d in mesh.devices.flat), mesh.axis_names))
+    replicated = None if mesh is None else NamedSharding(mesh, PartitionSpec())
 
     def train_chunk(state: TrainState):
+        if replicated is not None:
+            # the state comes back replicated over the mesh; placing the first one there too
+            # gives every chunk the same input shardings, hence one compiled program
+            state = jax.device_put(state, replicated)
         return run(state, data)
 
     return train_chunk
