@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from cellflow.train import key_data
+
 __all__ = ["MLP", "ResidualBlock", "dropout", "lecun_normal", "ones", "sinusoidal_time_embedding", "zeros"]
 
 # Standard deviation of a standard normal truncated to [-2, 2]; dividing by it restores unit variance.
@@ -24,8 +26,7 @@ def lecun_normal(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> j
     XLA compiles the device version once per distinct shape, about 0.3 s each on a CPU, which
     made building a model cost seconds before training started. Deterministic in ``key``.
     """
-    bits = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
-    rng = np.random.default_rng(np.asarray(bits).ravel())
+    rng = np.random.default_rng(np.asarray(key_data(key)).ravel())
     z = rng.standard_normal(math.prod(shape))
     outside = np.abs(z) > 2.0
     while outside.any():

@@ -24,7 +24,7 @@ from typing import Any
 
 import jax
 
-__all__ = ["clear_compiled_programs", "compiled_programs", "shared_jit"]
+__all__ = ["clear_compiled_programs", "shared_jit"]
 
 #: Executables kept, least recently used dropped first. A default flow-matching chunk holds a
 #: few MB of machine code; the data and parameters are arguments, never part of the program.
@@ -32,11 +32,6 @@ MAX_PROGRAMS = 32
 
 _programs: OrderedDict[str, jax.stages.Compiled] = OrderedDict()
 _lock = threading.Lock()
-
-
-def compiled_programs() -> int:
-    """Number of compiled programs currently shared between fits."""
-    return len(_programs)
 
 
 def clear_compiled_programs() -> None:

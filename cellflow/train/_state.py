@@ -146,6 +146,7 @@ def scanned_training_chunk(
     """
     value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
     gradients = value_and_grad
+    replicated = None if mesh is None else NamedSharding(mesh, PartitionSpec())
     if mesh is not None:
         def local_gradients(params, batch, key):
             key = jax.random.fold_in(key, jax.lax.axis_index(GROUP_AXIS))
@@ -155,7 +156,7 @@ def scanned_training_chunk(
             local_gradients, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec(GROUP_AXIS), PartitionSpec()),
             out_specs=PartitionSpec(), check_vma=False,
         )
-        data = jax.device_put(data, NamedSharding(mesh, PartitionSpec()))
+        data = jax.device_put(data, replicated)
 
     def step(data, state: TrainState):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
@@ -170,7 +171,6 @@ def scanned_training_chunk(
         return jax.lax.scan(lambda state, _: step(data, state), state, None, length=chunk)
 
     run = shared_jit(scan_steps, context=None if mesh is None else (tuple(d.id for d in mesh.devices.flat), mesh.axis_names))
-    replicated = None if mesh is None else NamedSharding(mesh, PartitionSpec())
 
     def train_chunk(state: TrainState):
         if replicated is not None:
