@@ -1,5 +1,7 @@
 """Flow matching: coupling, learning a known map, determinism, save/load, resume, validation."""
 
+import copy
+
 import anndata as ad
 import jax
 import jax.numpy as jnp
@@ -286,3 +288,76 @@ def test_host_initialiser_matches_lecun_normal_and_is_deterministic():
     assert np.abs(kernel).max() * np.sqrt(400) <= 2.0 / 0.87962566103423978 + 1e-5
     np.testing.assert_array_equal(kernel, lecun_normal(key, (400, 300)))
     assert not np.array_equal(kernel, lecun_normal(jax.random.key(4), (400, 300)))
+
+
+def _random_response_field(field="additive", seed=0):
+    """A small additive field with every weight random (the output layers start at zero)."""
+    from flax import nnx
+
+    from cellflow.nn import ResponseField
+
+    model = ResponseField(2, 2, (), width=16, depth=2, token_dim=8, context_dim=8, field=field, rngs=nnx.Rngs(seed))
+    graphdef, params = nnx.split(model)
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    leaves = [0.5 * jax.random.normal(k, leaf.shape, leaf.dtype) for k, leaf in zip(keys, leaves)]
+    return graphdef, jax.tree.unflatten(treedef, leaves)
+
+
+def _condition(*members):
+    """Two member slots; ``members`` are indices into the one-hot embeddings of A and B."""
+    from cellflow.data import ConditionArrays
+
+    embedding = np.zeros((2, 2), np.float32)
+    doses, mask = np.zeros(2, np.float32), np.zeros(2, bool)
+    for slot, member in enumerate(members):
+        embedding[slot, member], doses[slot], mask[slot] = 1.0, 1.0, True
+    return ConditionArrays(jnp.asarray(embedding), jnp.asarray(doses), jnp.asarray(mask), jnp.zeros((0,), jnp.int32))
+
+
+def test_combining_by_displacements_adds_each_members_own_flow_plus_the_interaction():
+    """``combine="displacements"``: each member's field moves the source cells on its own, the
+    displacements add, and the interaction field adds what it integrates along the combined path;
+    singles and joint fields are untouched."""
+    graphdef, params = _random_response_field()
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(64, 2)), jnp.float32)
+    population = x
+    push = lambda condition, rule: np.asarray(fm.push(graphdef, params, x, condition, population, combine=rule))
+    for single in (_condition(0), _condition(1)):
+        np.testing.assert_array_equal(push(single, "displacements"), push(single, "velocities"))
+
+    pair = push(_condition(0, 1), "displacements")
+    members_alone = push(_condition(0), "velocities") + push(_condition(1), "velocities") - np.asarray(x)
+    # Without the interaction field the pair is exactly the sum of the members' own displacements.
+    no_interaction = copy.deepcopy(params)
+    no_interaction["interaction_field"]["out"] = jax.tree.map(jnp.zeros_like, params["interaction_field"]["out"])
+    additive_pair = np.asarray(fm.push(graphdef, no_interaction, x, _condition(0, 1), population, combine="displacements"))
+    np.testing.assert_allclose(additive_pair, members_alone, atol=1e-5)
+    # The interaction field moves the pair on top of that, and summing the fields' velocities along
+    # one path is a different prediction.
+    assert np.abs(pair - members_alone).mean() > 1e-2
+    assert np.abs(push(_condition(0, 1), "velocities") - pair).mean() > 1e-2
+    with pytest.raises(cf.CellflowValueError, match=r"combine='sum'.*'displacements', 'velocities'"):
+        push(_condition(0, 1), "sum")
+
+    graphdef, params = _random_response_field("joint")
+    joint = lambda rule: np.asarray(fm.push(graphdef, params, x, _condition(0, 1), population, combine=rule))
+    np.testing.assert_array_equal(joint("displacements"), joint("velocities"))
+
+
+def test_combine_auto_keeps_the_trained_flow_for_seen_combinations_and_adds_displacements_for_new_ones():
+    shifts = {"control": [0.0, 0.0], "A": [3.0, 0.0], "B": [0.0, -2.0], "C": [-1.0, 1.0], "A+B": [3.0, -2.0]}
+    adata = shifted_conditions(shifts, seed=3, n=40)
+    model = cf.ResponseModel(adata, rep="X", method="flow_matching", **SMALL).fit(steps=50, batch_size=32, progress=False)
+    assert model.options["combine"] == "auto"
+    source = adata[adata.obs.condition == "control"]
+
+    def predicted(condition, rule):
+        model.options["combine"] = rule
+        return model.predict(source, condition, seed=1).X
+
+    for condition, rule in (("A+B", "velocities"), ("B+C", "displacements"), ("A+C", "displacements"), ("C", "velocities")):
+        np.testing.assert_array_equal(predicted(condition, "auto"), predicted(condition, rule), err_msg=condition)
+    assert not np.allclose(predicted("B+C", "displacements"), predicted("B+C", "velocities"))
+    with pytest.raises(cf.CellflowValueError, match=r"combine.*'auto', 'displacements', 'velocities'"):
+        cf.ResponseModel(adata, rep="X", method="flow_matching", combine="sum")

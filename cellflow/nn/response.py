@@ -12,6 +12,10 @@ so that an unseen combination of seen members starts from the sum of their learn
 (the structure measured to generalise to unseen pairs), while the interaction field learns what
 departs from additivity. The cost of a step grows with the number of member slots ``K``; when
 training data has no combinations (``K = 1``) the interaction field is not evaluated at all.
+To predict a combination the fields can also be applied one member at a time
+(:meth:`ResponseField.member_velocities`, :meth:`ResponseField.interaction_velocity`): each
+member moves the source cells along its own path and the displacements add, see
+:func:`cellflow.solvers.flow_matching.push`.
 
 ``field="joint"`` instead evaluates one field on the pooled member tokens, the pair features and
 the context, ``v(t, x | c) = [K > 0] f(t, x | pool(tokens), pairs, context)`` (the structure of
@@ -222,27 +226,51 @@ class ResponseField(nnx.Module):
 
         With ``field="joint"`` the first part is the joint field's velocity and the second is zero.
         """
-        t = jnp.broadcast_to(jnp.asarray(t, x.dtype), x.shape[:1])
-        tokens, mask, context, centre = encoded
-        x = x - centre
         keys = (None, None) if key is None else tuple(jax.random.split(key))
-
-        def pooled_condition():
-            total = tokens.sum(axis=0)
-            pairs = 0.5 * (total * total - (tokens * tokens).sum(axis=0))  # sum_{i<j} token_i * token_j
-            return jnp.concatenate([self._pool(tokens, mask), pairs, context])
-
         if self.field == "joint":
-            velocity = jnp.where(mask.any(), 1.0, 0.0) * self.joint_field(t, x, pooled_condition(), keys[0])
+            t, x = self._inputs(t, x, encoded)
+            velocity = jnp.where(encoded.mask.any(), 1.0, 0.0) * self.joint_field(t, x, self._pooled_condition(encoded), keys[0])
             return velocity, jnp.zeros_like(velocity)
+        per_member = self._member_fields(t, x, encoded, keys[0], None)  # (K, B, d), one x for all
+        velocity = jnp.einsum("k,kbd->bd", encoded.mask.astype(x.dtype), per_member)
+        return velocity, self.interaction_velocity(t, x, encoded, keys[1])
 
-        def member_velocity(token):
-            return self.member_field(t, x, jnp.concatenate([token, context]), keys[0])
+    def member_velocities(self, t: jax.Array, xs: jax.Array, encoded: Encoded, key: jax.Array | None = None) -> jax.Array:
+        """Each member's own field at its own positions: ``xs`` ``(K, B, d)`` -> ``(K, B, d)``.
 
-        per_member = jax.vmap(member_velocity)(tokens)  # (K, B, d)
-        velocity = jnp.einsum("k,kbd->bd", mask.astype(x.dtype), per_member)
-        if tokens.shape[0] == 1:
+        Slot ``k`` holds member ``k``'s velocity at ``xs[k]``; masked (empty) slots are zero.
+        Additive fields only.
+        """
+        per_member = self._member_fields(t, xs, encoded, key, 0)
+        return encoded.mask.astype(xs.dtype)[:, None, None] * per_member
+
+    def _member_fields(self, t, x, encoded: Encoded, key, x_axis: int | None) -> jax.Array:
+        """Unmasked ``(K, B, d)`` member fields at ``x``: ``(B, d)`` shared (``x_axis=None``) or
+        ``(K, B, d)`` one position set per member (``x_axis=0``)."""
+        t = jnp.broadcast_to(jnp.asarray(t, x.dtype), x.shape[-2:-1])
+
+        def member_velocity(token, x):
+            return self.member_field(t, x - encoded.centre, jnp.concatenate([token, encoded.context]), key)
+
+        return jax.vmap(member_velocity, in_axes=(0, x_axis))(encoded.tokens, x)
+
+    def interaction_velocity(self, t: jax.Array, x: jax.Array, encoded: Encoded, key: jax.Array | None = None) -> jax.Array:
+        """The interaction field's velocity ``(B, d)`` at ``x`` ``(B, d)``: zero unless the
+        condition has several members (and not evaluated at all when no slot for a second member
+        exists). Additive fields only."""
+        t, x = self._inputs(t, x, encoded)
+        if encoded.tokens.shape[0] == 1:
             # one member slot: no combination can occur, so skip the field (its output would be masked)
-            return velocity, jnp.zeros_like(velocity)
-        interaction = self.interaction_field(t, x, pooled_condition(), keys[1])
-        return velocity, jnp.where(mask.sum() > 1, 1.0, 0.0) * interaction
+            return jnp.zeros_like(x)
+        interaction = self.interaction_field(t, x, self._pooled_condition(encoded), key)
+        return jnp.where(encoded.mask.sum() > 1, 1.0, 0.0) * interaction
+
+    def _inputs(self, t: jax.Array, x: jax.Array, encoded: Encoded) -> tuple[jax.Array, jax.Array]:
+        """Times broadcast to ``(B,)`` and positions ``(B, d)`` relative to the centre."""
+        return jnp.broadcast_to(jnp.asarray(t, x.dtype), x.shape[:1]), x - encoded.centre
+
+    def _pooled_condition(self, encoded: Encoded) -> jax.Array:
+        tokens = encoded.tokens
+        total = tokens.sum(axis=0)
+        pairs = 0.5 * (total * total - (tokens * tokens).sum(axis=0))  # sum_{i<j} token_i * token_j
+        return jnp.concatenate([self._pool(tokens, encoded.mask), pairs, encoded.context])

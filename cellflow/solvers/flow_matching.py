@@ -27,12 +27,13 @@ from ott.geometry import pointcloud
 from ott.problems.linear import linear_problem
 from ott.solvers.linear import acceleration, sinkhorn
 
+from cellflow._errors import CellflowValueError
 from cellflow.data import ConditionArrays, TrainingArrays, sample_batches
 from cellflow.nn import ResponseField
 from cellflow.solvers.baselines import AffineResponse, push_group
 from cellflow.train import TrainState, scanned_training_chunk
 
-__all__ = ["FlowMatchingConfig", "checked_plan", "couple", "sample_plan", "energy_distance", "interpolate", "make_train_chunk", "push", "init_state", "integrate"]
+__all__ = ["COMBINE_RULES", "FlowMatchingConfig", "checked_plan", "couple", "sample_plan", "energy_distance", "interpolate", "make_train_chunk", "push", "init_state", "integrate"]
 
 
 @dataclass(frozen=True)
@@ -251,6 +252,10 @@ def _solver(name: str):
     return solvers[name]()
 
 
+#: How the member fields of an additive field make a combination's prediction.
+COMBINE_RULES = ("displacements", "velocities")
+
+
 def push(
     graphdef: Any,
     params: Any,
@@ -262,6 +267,7 @@ def push(
     n_steps: int = 16,
     rtol: float = 1e-3,
     atol: float = 1e-3,
+    combine: str = "displacements",
 ) -> jax.Array:
     """Integrate the learned ODE from ``t = 0`` to ``1`` for source cells ``x`` ``(n, d)``.
 
@@ -278,34 +284,67 @@ def push(
     solver
         ``"euler"``, ``"heun"``, ``"midpoint"`` (fixed ``n_steps``) or ``"tsit5"``/``"dopri5"``
         (adaptive, tolerances ``rtol``/``atol``).
+    combine
+        For a combination under an additive field: ``"displacements"`` moves each source cell
+        by every member's field on its own (each field only sees positions along its own
+        member's path, where it was trained) and adds the displacements, plus what the
+        interaction field adds along the combined path; ``"velocities"`` integrates the sum of
+        the fields along one path. Single perturbations and joint fields are unaffected.
 
     Returns
     -------
     ``(n, d)`` predicted cells.
     """
-    return _push(graphdef, params, x, condition, population, solver, n_steps, rtol, atol)
+    if combine not in COMBINE_RULES:
+        raise CellflowValueError(f"combine={combine!r} is not one of {list(COMBINE_RULES)}")
+    return _push(graphdef, params, x, condition, population, solver, n_steps, rtol, atol, combine)
 
 
-def integrate(graphdef, params, x, condition, population, solver="heun", n_steps=16, rtol=1e-3, atol=1e-3):
+def integrate(graphdef, params, x, condition, population, solver="heun", n_steps=16, rtol=1e-3, atol=1e-3, combine="displacements"):
     """Unjitted body of :func:`push`, for use inside other jitted functions."""
     model = nnx.merge(graphdef, params)
     encoded = model.encode(condition, population)
-    term = diffrax.ODETerm(lambda t, y, args: model(t, y, encoded))
     adaptive = solver in ("tsit5", "dopri5")
-    solution = diffrax.diffeqsolve(
-        term,
-        _solver(solver),
-        t0=0.0,
-        t1=1.0,
-        dt0=None if adaptive else 1.0 / n_steps,
-        y0=x,
-        stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol) if adaptive else diffrax.ConstantStepSize(),
-        max_steps=4096 if adaptive else n_steps,
-    )
-    return solution.ys[-1]
+
+    def solve(velocity, y0):
+        solution = diffrax.diffeqsolve(
+            diffrax.ODETerm(velocity),
+            _solver(solver),
+            t0=0.0,
+            t1=1.0,
+            dt0=None if adaptive else 1.0 / n_steps,
+            y0=y0,
+            stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol) if adaptive else diffrax.ConstantStepSize(),
+            max_steps=4096 if adaptive else n_steps,
+        )
+        return jax.tree.map(lambda y: y[-1], solution.ys)
+
+    def one_path(x):
+        return solve(lambda t, y, args: model(t, y, encoded), x)
+
+    slots = encoded.tokens.shape[0]
+    if not (combine == "displacements" and model.field == "additive" and slots > 1):
+        return one_path(x)
+
+    def combined(members, interaction):
+        return x + jnp.sum(members - x, axis=0) + interaction
+
+    def member_paths(x):
+        # state: each member's own path (K, n, d) and the interaction's displacement (n, d)
+        def velocity(t, state, args):
+            members, interaction = state
+            return (
+                model.member_velocities(t, members, encoded),
+                model.interaction_velocity(t, combined(members, interaction), encoded),
+            )
+
+        return combined(*solve(velocity, (jnp.broadcast_to(x, (slots, *x.shape)), jnp.zeros_like(x))))
+
+    # a single member's own path is the one path: skip the empty slots' work
+    return jax.lax.cond(encoded.mask.sum() > 1, member_paths, one_path, x)
 
 
-_push = partial(jax.jit, static_argnums=(0, 5, 6))(integrate)
+_push = partial(jax.jit, static_argnums=(0, 5, 6, 9))(integrate)
 
 
 def energy_distance(x: jax.Array, y: jax.Array) -> jax.Array:
