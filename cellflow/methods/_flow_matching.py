@@ -162,11 +162,13 @@ class FlowMatching(Method):
     field on its own, adds the displacements, and adds what the interaction field integrates
     along the combined path. The default, ``"auto"``, uses the trained flow for combinations
     seen in training and the displacements for new ones. Scored against 2,000 cells of the true
-    response on the synthetic default (the benchmark's held-out combinations, seeds 0/1/2),
-    displacements gave 0.110 / 0.114 / 0.310 against 0.115 / 0.125 / 0.309 for velocities,
-    better on the held-out additive pair of every seed (0.075 / 0.051 / 0.090 against 0.079 /
-    0.060 / 0.101); on combinations seen in training they did worse for synergistic pairs
-    (0.064 against 0.057 at seed 0), hence ``"auto"``.
+    response on the synthetic default (``benchmarks/flow_matching_synthetic.py --reference-cells
+    2000``, held-out combinations, seeds 0/1/2), ``"auto"`` gave 0.110 / 0.114 / 0.310 against
+    0.115 / 0.125 / 0.309 with ``combine="velocities"``; the held-out additive pair improved on
+    every seed (0.077 / 0.061 / 0.096 against 0.082 / 0.073 / 0.106; the additive oracle is at
+    the noise floor, 0.024-0.028). On combinations seen in training the displacements did worse
+    for synergistic pairs (0.064 against 0.057 at seed 0), whose interaction was fitted along the
+    summed path, hence ``"auto"``.
 
     ``field="joint"`` replaces the member and interaction fields by one field of the pooled
     condition (CellFlow's structure): one network evaluation per cell whatever the number of
