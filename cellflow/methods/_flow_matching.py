@@ -443,7 +443,7 @@ def _split_validation(data: PerturbationData, fraction: float, rng: np.random.Ge
 
 def _validation_scorer(
     graphdef, validation: PerturbationData, embeddings, spec, batch_size, rng, prior=None, max_groups: int = 32, move=None,
-    combine: str = "displacements",
+    combine: str = "velocities",
 ):
     """``ema -> mean energy distance`` over up to ``max_groups`` held-out groups (one jitted call).
 

@@ -247,10 +247,10 @@ class ResponseField(nnx.Module):
     def _member_fields(self, t, x, encoded: Encoded, key, x_axis: int | None) -> jax.Array:
         """Unmasked ``(K, B, d)`` member fields at ``x``: ``(B, d)`` shared (``x_axis=None``) or
         ``(K, B, d)`` one position set per member (``x_axis=0``)."""
-        t = jnp.broadcast_to(jnp.asarray(t, x.dtype), x.shape[-2:-1])
+        t, x = self._inputs(t, x, encoded)
 
         def member_velocity(token, x):
-            return self.member_field(t, x - encoded.centre, jnp.concatenate([token, encoded.context]), key)
+            return self.member_field(t, x, jnp.concatenate([token, encoded.context]), key)
 
         return jax.vmap(member_velocity, in_axes=(0, x_axis))(encoded.tokens, x)
 
@@ -266,8 +266,8 @@ class ResponseField(nnx.Module):
         return jnp.where(encoded.mask.sum() > 1, 1.0, 0.0) * interaction
 
     def _inputs(self, t: jax.Array, x: jax.Array, encoded: Encoded) -> tuple[jax.Array, jax.Array]:
-        """Times broadcast to ``(B,)`` and positions ``(B, d)`` relative to the centre."""
-        return jnp.broadcast_to(jnp.asarray(t, x.dtype), x.shape[:1]), x - encoded.centre
+        """Times broadcast to ``(B,)`` and positions ``(..., B, d)`` relative to the centre."""
+        return jnp.broadcast_to(jnp.asarray(t, x.dtype), x.shape[-2:-1]), x - encoded.centre
 
     def _pooled_condition(self, encoded: Encoded) -> jax.Array:
         tokens = encoded.tokens
