@@ -11,8 +11,11 @@ not predictable from other pairs, so the additive pair shows what the model can 
 
 ``--reference-cells N`` scores against N cells of the generator's true response rather than the
 150 observed held-out cells, whose own sampling noise (the noise floor) is then no longer part of
-every figure; held-out combinations then also report ``additive_oracle``, the true response
-without the pair's own synergy, i.e. the best a prediction from the members can do. ``--option``
+every figure. Held-out combinations also report ``additive_oracle``, a sample of the true response
+without the pair's own synergy, i.e. what a perfect prediction from the members scores. Against
+the observed cells (seeds 0-2) it scores 0.567x mean_shift (0.185 against 0.326): the synergistic
+pair's interaction is a random vector of its own, so no method can reach 0.5x there; against 2,000
+true cells it scores 0.482x. ``--option``
 goes to flow_matching; ``--methods`` picks the methods compared (default: the
 baselines and flow_matching).
 

@@ -77,10 +77,12 @@ def run_demo(
         observed held-out cells (``n_cells`` per condition). The observed cells are a small sample,
         so their energy distance to even a perfect prediction is the noise floor; a large true
         sample measures the prediction's own error, and the floor becomes that of a true sample
-        the size of the prediction. Held-out combinations then also get an ``additive_oracle``
-        column: the true response without the pair's own synergy (a pair-specific random vector
-        that no model of the members can know), which is the best any member-additive
-        prediction can score.
+        the size of the prediction.
+
+    Held-out combinations also get an ``additive_oracle`` column: a sample of the true response
+    without the pair's own synergy (a pair-specific random vector that no model of the members
+    can know), the size of the prediction: what a perfect prediction from the members scores,
+    and so the figure to read a method's score on held-out combinations against.
     """
     say = print if verbose else (lambda *a, **k: None)
     adata, truth = datasets.synthetic(seed=seed, n_control=n_control, n_cells=n_cells)
@@ -105,12 +107,10 @@ def run_demo(
     keys = test.obs[["condition", "dose", "patient"]].astype(str)
     rows = []
     models = {}
-    additive = None
-    if reference_cells:
-        additive = datasets.SyntheticTruth(
-            truth.n_features, truth.n_states, truth.n_patients, truth.n_drugs, synergy_pairs=[],
-            noise_std=truth.noise_std, seed=truth.seed,
-        )
+    additive = datasets.SyntheticTruth(
+        truth.n_features, truth.n_states, truth.n_patients, truth.n_drugs, synergy_pairs=[],
+        noise_std=truth.noise_std, seed=truth.seed,
+    )
     for method in methods:
         start = time.perf_counter()
         models[method] = ResponseModel(
@@ -132,7 +132,7 @@ def run_demo(
             fresh = truth.sample(condition, len(observed), pat, dose=dose, seed=seed + 10_000)
         row = {"task": task_name, "condition": condition, "dose": dose, "patient": pat}
         row["noise_floor"] = metrics.energy_distance(fresh, observed)
-        if additive is not None and condition in held_combos:
+        if condition in held_combos:
             guess = additive.sample(condition, source.n_obs, pat, dose=dose, seed=seed + 10_000)
             row["additive_oracle"] = metrics.energy_distance(guess, observed)
         for method, model in models.items():
@@ -150,7 +150,7 @@ def run_demo(
     if verbose:
         with pd.option_context("display.width", 160, "display.float_format", "{:.3f}".format):
             print("\nEnergy distance to the observed held-out cells (lower is better), mean over conditions:")
-            print(summary.to_string())
+            print(summary.to_string(na_rep="-"))
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)

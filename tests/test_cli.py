@@ -19,6 +19,9 @@ def test_demo_mean_shift_beats_identity_on_held_out_combinations(tmp_path):
     for row in (combos, patient):
         assert row[best] < row["identity"]
         assert row["noise_floor"] <= 1.2 * min(row[m] for m in ("identity", "mean_shift", best))
+    # what a perfect prediction from the members scores: only held-out combinations have it
+    assert combos["additive_oracle"] < combos["mean_shift"]
+    assert np.isnan(patient["additive_oracle"])
     for name in ("results.csv", "summary.csv", "demo.png"):
         assert (tmp_path / name).stat().st_size > 0
     assert set(per_condition["task"]) == set(summary.index)
