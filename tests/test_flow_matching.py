@@ -72,6 +72,43 @@ def test_brownian_path_spreads_points_by_sigma_around_the_straight_line():
     np.testing.assert_allclose(np.asarray(u), 1.0)
 
 
+def test_smoothed_path_has_a_noise_floor_and_targets_its_own_velocity():
+    n = 20_000
+    x0, x1 = jnp.zeros((n, 2)), jnp.ones((n, 2))
+    config = fm.FlowMatchingConfig(path="smoothed", sigma=2.0, sigma_min=0.5)
+    t, x_t, u = fm.interpolate(jax.random.key(0), x0, x1, config)
+    t, x_t, u = (np.asarray(a, np.float64) for a in (t, x_t, u))
+
+    def width(s):
+        return 0.5 + 2.0 * 2.0 * s * (1 - s)
+
+    z = (x_t - t[:, None]) / width(t)[:, None]
+    np.testing.assert_allclose(z.std(axis=0), 1.0, rtol=0.05)
+    np.testing.assert_allclose(z.mean(axis=0), 0.0, atol=0.05)
+    # the target is d/dt of (1 - t) x0 + t x1 + width(t) z at fixed z, so the flow keeps the marginals
+    def position(s):
+        return s[:, None] + width(s)[:, None] * z
+
+    h = 1e-3
+    np.testing.assert_allclose(u, (position(t + h) - position(t - h)) / (2 * h), atol=1e-4)
+    assert np.abs(u - 1.0).max() > 1.0  # not the displacement target
+
+
+def test_smoothed_path_keeps_the_treated_spread_that_the_displacement_target_contracts():
+    rng = np.random.default_rng(0)
+    n, dim = 1000, 4
+    cells = np.vstack([rng.normal(size=(n, dim)), 2.0 + 1.5 * rng.normal(size=(n, dim))]).astype(np.float32)
+    adata = ad.AnnData(X=cells, obs={"condition": ["control"] * n + ["treated"] * n})
+    source = rng.normal(size=(2000, dim)).astype(np.float32)
+    ratios = {}
+    for path in ("brownian", "smoothed"):
+        model = cf.ResponseModel(adata, rep="X", method="flow_matching", path=path, **SMALL)
+        pred = model.fit(steps=300, batch_size=128, seed=0, progress=False).predict(source, "treated").X
+        ratios[path] = pred.var(axis=0).sum() / (dim * 1.5**2)
+    assert ratios["brownian"] < 0.9, ratios
+    assert abs(ratios["smoothed"] - 1.0) < abs(ratios["brownian"] - 1.0) / 2, ratios
+
+
 def test_path_noise_is_in_units_of_the_control_spread():
     from cellflow.data import prepare
     from cellflow.methods._flow_matching import control_spread
