@@ -58,6 +58,13 @@ def test_interpolation_path():
     np.testing.assert_allclose(np.asarray(u), 1.0)
 
 
+def test_solver_config_rejects_an_unknown_path_or_coupling_and_names_the_choices():
+    with pytest.raises(cf.CellflowValueError, match=r"path='smooth'.*\['straight', 'brownian', 'smoothed'\]"):
+        fm.FlowMatchingConfig(path="smooth")
+    with pytest.raises(cf.CellflowValueError, match=r"coupling='sinkhorn'.*\['ot', 'independent'\]"):
+        fm.FlowMatchingConfig(coupling="sinkhorn")
+
+
 def test_brownian_path_spreads_points_by_sigma_around_the_straight_line():
     n = 20_000
     x0, x1 = jnp.zeros((n, 2)), jnp.ones((n, 2))

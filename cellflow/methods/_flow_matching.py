@@ -207,7 +207,7 @@ class FlowMatching(Method):
         "weight_decay": Option(0.0, "AdamW weight decay", _non_negative),
         "warmup": Option(200, "warm-up steps", _non_negative),
         "conditions_per_step": Option(8, "treated groups per training step", _positive_int),
-        "coupling": Option("ot", "'ot' (minibatch Sinkhorn) or 'independent'", _one_of("ot", "independent")),
+        "coupling": Option("ot", "'ot' (minibatch Sinkhorn) or 'independent'", _one_of(*fm.COUPLINGS)),
         "epsilon": Option(0.01, "Sinkhorn regularisation relative to the mean cost", _non_negative),
         "tau_a": Option(1.0, "source unbalancedness (1 = balanced)", _unit_interval),
         "tau_b": Option(1.0, "target unbalancedness (1 = balanced)", _unit_interval),

@@ -35,10 +35,11 @@ from cellflow.nn import ResponseField
 from cellflow.solvers.baselines import AffineResponse, push_group
 from cellflow.train import TrainState, scanned_training_chunk
 
-__all__ = ["COMBINE_RULES", "PATHS", "FlowMatchingConfig", "checked_plan", "couple", "sample_plan", "energy_distance", "interpolate", "make_train_chunk", "push", "init_state", "integrate"]
+__all__ = ["COMBINE_RULES", "COUPLINGS", "PATHS", "FlowMatchingConfig", "checked_plan", "couple", "sample_plan", "energy_distance", "interpolate", "make_train_chunk", "push", "init_state", "integrate"]
 
 
 PATHS = ("straight", "brownian", "smoothed")
+COUPLINGS = ("ot", "independent")
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,11 @@ class FlowMatchingConfig:
     covariate_dropout: float = 0.1
     interaction_penalty: float = 0.0
     population_size: int = 256
+
+    def __post_init__(self):
+        for name, value, choices in (("path", self.path, PATHS), ("coupling", self.coupling, COUPLINGS)):
+            if value not in choices:
+                raise CellflowValueError(f"FlowMatchingConfig: {name}={value!r} is invalid; valid choices: {list(choices)}.")
 
 
 def couple(key: jax.Array, source: jax.Array, target: jax.Array, config: FlowMatchingConfig) -> tuple[jax.Array, jax.Array]:
