@@ -157,8 +157,10 @@ class FlowMatching(Method):
     better for an unseen cell type (scGen held-out CD4T cells 0.387 against 0.527, R² top-50 0.973
     against 0.962) and the synthetic unseen patient (0.052 against 0.063, scored against 2,000 true
     cells), worse for Kang's held-out patient (0.261 against 0.248, mean_shift 0.255; R² top-50
-    0.984 against 0.990) and synthetic held-out combinations (0.199 against 0.178). Try it when the
-    source cells differ from every trained population, and compare on a held-out split.
+    0.984 against 0.990) and synthetic held-out combinations (0.199 against 0.178). Both Kang tasks
+    hold out a (condition, covariate) pair whose control cells were seen, so the data do not say
+    in advance which path suits; compare the two on a held-out split of your own data
+    (:func:`cellflow.data.holdout`).
 
     ``interaction_penalty=1`` adds the interaction field's mean squared velocity to the loss
     (an additivity prior): the member fields then explain as much of every seen combination as
