@@ -29,7 +29,7 @@ from ott.geometry import pointcloud
 from ott.problems.linear import linear_problem
 from ott.solvers.linear import acceleration, sinkhorn
 
-from cellflow._errors import CellflowValueError
+from cellflow._errors import CellflowValueError, format_choices
 from cellflow.data import ConditionArrays, TrainingArrays, sample_batches
 from cellflow.nn import ResponseField
 from cellflow.solvers.baselines import AffineResponse, push_group
@@ -100,7 +100,7 @@ class FlowMatchingConfig:
     def __post_init__(self):
         for name, value, choices in (("path", self.path, PATHS), ("coupling", self.coupling, COUPLINGS)):
             if value not in choices:
-                raise CellflowValueError(f"FlowMatchingConfig: {name}={value!r} is invalid; valid choices: {list(choices)}.")
+                raise CellflowValueError(f"FlowMatchingConfig: {name}={value!r} is invalid; valid choices: {format_choices(choices)}.")
 
 
 def couple(key: jax.Array, source: jax.Array, target: jax.Array, config: FlowMatchingConfig) -> tuple[jax.Array, jax.Array]:
@@ -326,7 +326,7 @@ def push(
     ``(n, d)`` predicted cells.
     """
     if combine not in COMBINE_RULES:
-        raise CellflowValueError(f"combine={combine!r} is not one of {list(COMBINE_RULES)}")
+        raise CellflowValueError(f"push: combine={combine!r} is invalid; valid choices: {format_choices(COMBINE_RULES)}.")
     return _push(graphdef, params, x, condition, population, solver, n_steps, rtol, atol, combine)
 
 
