@@ -31,6 +31,10 @@ def pytest_configure(config):
 
     import jax
 
+    # cellflow's own cache of training programs across processes would otherwise be the user's
+    # (~/.cache/cellflow/xla): tests never read programs compiled before the run, nor leave any.
+    # Set in the environment, so subprocesses started by tests inherit it.
+    os.environ["CELLFLOW_COMPILATION_CACHE"] = "off"
     cache = tempfile.mkdtemp(prefix="cellflow-jax-cache-")
     jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

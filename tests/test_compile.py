@@ -1,12 +1,19 @@
 """Compiled training programs are shared between fits of the same configuration, never between different programs."""
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import cellflow as cf
-from cellflow.train import clear_compiled_programs, shared_jit
+from cellflow.train import clear_compiled_programs, compilation_cache_dir, set_compilation_cache, shared_jit
 
 from test_flow_matching import SMALL, shift_data
 
@@ -70,4 +77,151 @@ def test_refitting_a_configuration_reuses_its_compiled_training_chunk(count_comp
     assert count_compilations["n"] == after_first
     clear_compiled_programs()
     np.testing.assert_array_equal(fit(1), shared)
-    assert count_compilations["n"] == after_first + 1
+    assert count_compilations["n"] == 2 * after_first  # what the first fit compiled, again
+
+
+# -- the on-disk cache ---------------------------------------------------------------------------
+@pytest.fixture
+def without_jax_cache():
+    """JAX's persistent cache (which the test session turns on) off, as it is by default."""
+    from jax.experimental.compilation_cache import compilation_cache
+
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()
+    yield
+    jax.config.update("jax_enable_compilation_cache", True)
+    compilation_cache.reset_cache()
+
+
+@pytest.fixture
+def disk_cache(tmp_path, without_jax_cache):
+    """cellflow's on-disk cache in a fresh folder, and nothing in memory, for the test's duration."""
+    from cellflow.train import _compile
+
+    previous = _compile._cache_dir
+    set_compilation_cache(tmp_path / "xla")
+    clear_compiled_programs()
+    yield tmp_path / "xla"
+    _compile._cache_dir = previous
+    clear_compiled_programs()
+
+
+def test_the_cache_stays_out_of_the_way_of_jax_own(tmp_path, count_compilations):
+    # an executable JAX loaded from its persistent cache cannot be serialized again on a CPU
+    from cellflow.train import _compile
+
+    previous = _compile._cache_dir
+    set_compilation_cache(tmp_path)
+    try:
+        assert jax.config.jax_compilation_cache_dir  # the test session's (conftest.py)
+        clear_compiled_programs()
+        np.testing.assert_array_equal(shared_jit(lambda v: v * 5.0)(jnp.ones(2)), 5.0 * np.ones(2))
+        assert count_compilations["n"] == 1 and not list(tmp_path.glob("*.xla"))
+    finally:
+        _compile._cache_dir = previous
+
+
+def test_the_cache_folder_follows_the_environment(monkeypatch, tmp_path):
+    from cellflow.train import _compile
+
+    monkeypatch.setattr(_compile, "_cache_dir", _compile._UNSET)
+    monkeypatch.setenv("CELLFLOW_COMPILATION_CACHE", str(tmp_path))
+    assert compilation_cache_dir() == tmp_path
+    for off in ("off", "0", "", "FALSE"):
+        monkeypatch.setenv("CELLFLOW_COMPILATION_CACHE", off)
+        assert compilation_cache_dir() is None
+    monkeypatch.delenv("CELLFLOW_COMPILATION_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert compilation_cache_dir() == tmp_path / "cellflow" / "xla"
+    set_compilation_cache(None)  # an explicit choice wins over the environment
+    assert compilation_cache_dir() is None
+
+
+def test_a_refit_after_the_memory_is_cleared_loads_its_training_program_from_disk(disk_cache, count_compilations):
+    adata = shift_data(n=100)
+    source = adata[adata.obs.condition == "control"][:50]
+
+    def fit():
+        model = cf.ResponseModel(adata, rep="X", method="flow_matching", **SMALL)
+        return model.fit(steps=20, batch_size=32, seed=0, progress=False).predict(source, "A").X
+
+    first = fit()
+    compiled = count_compilations["n"]
+    assert compiled >= 1 and len(list(disk_cache.glob("*.xla"))) == compiled
+    clear_compiled_programs()  # as in a new process: nothing in memory, the files on disk
+    np.testing.assert_array_equal(fit(), first)
+    assert count_compilations["n"] == compiled
+    clear_compiled_programs(on_disk=True)
+    assert not list(disk_cache.glob("*.xla"))
+    np.testing.assert_array_equal(fit(), first)
+    assert count_compilations["n"] == 2 * compiled
+
+
+def test_a_new_process_reuses_the_program_a_previous_one_compiled(tmp_path):
+    # the entry holds the argument and result structures too (here a TrainState), so a process
+    # that has never compiled the program can call it
+    script = textwrap.dedent(
+        """
+        import json, jax, jax.numpy as jnp
+        from cellflow.train import TrainState, shared_jit
+        compilations = {"n": 0}
+        real = jax.stages.Lowered.compile
+        def counting(self, *args, **kwargs):
+            compilations["n"] += 1
+            return real(self, *args, **kwargs)
+        jax.stages.Lowered.compile = counting
+        state = TrainState({"w": jnp.arange(4.0)}, {"w": jnp.ones(4)}, (), jnp.zeros((), jnp.int32), jnp.zeros(2, jnp.uint32))
+        step = shared_jit(lambda s: s._replace(params={"w": jnp.sin(s.params["w"]) + s.ema["w"]}, step=s.step + 1))
+        out = step(step(state))
+        print(json.dumps({"compilations": compilations["n"], "w": out.params["w"].tolist(), "step": int(out.step)}))
+        """
+    )
+    env = {**os.environ, "CELLFLOW_COMPILATION_CACHE": str(tmp_path), "JAX_PLATFORMS": "cpu"}
+    runs = []
+    for _ in range(2):
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300, check=False)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    assert [r["compilations"] for r in runs] == [1, 0]
+    assert runs[0]["w"] == runs[1]["w"] and runs[1]["step"] == 2
+
+
+def test_a_damaged_entry_is_compiled_again_and_replaced(disk_cache, count_compilations):
+    x = jnp.arange(5.0)
+    np.testing.assert_array_equal(shared_jit(lambda v: v * 3.0)(x), 3.0 * np.arange(5.0))
+    (entry,) = disk_cache.glob("*.xla")
+    entry.write_bytes(b"not a program")
+    clear_compiled_programs()
+    np.testing.assert_array_equal(shared_jit(lambda v: v * 3.0)(x), 3.0 * np.arange(5.0))
+    assert count_compilations["n"] == 2
+    assert entry.read_bytes() != b"not a program"
+
+
+def test_an_unwritable_cache_warns_once_and_training_goes_on(tmp_path, monkeypatch, without_jax_cache, count_compilations):
+    from cellflow.train import _compile
+
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the cache folder should be")
+    monkeypatch.setattr(_compile, "_cache_dir", blocker / "xla")
+    monkeypatch.setattr(_compile, "_warned_unwritable", False)
+    clear_compiled_programs()
+    with pytest.warns(RuntimeWarning, match="cannot write its compilation cache"):
+        np.testing.assert_array_equal(shared_jit(lambda v: v + 1.0)(jnp.zeros(3)), np.ones(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(shared_jit(lambda v: v + 2.0)(jnp.zeros(3)), 2.0 * np.ones(3))
+    assert count_compilations["n"] == 2
+    clear_compiled_programs()
+
+
+def test_the_cache_drops_its_least_recently_used_programs_beyond_its_size(disk_cache, monkeypatch):
+    from cellflow.train import _compile
+
+    x = jnp.arange(3.0)
+    shared_jit(lambda v: v + 1.0)(x)
+    (oldest,) = disk_cache.glob("*.xla")
+    monkeypatch.setattr(_compile, "MAX_CACHE_BYTES", int(1.5 * oldest.stat().st_size))
+    os.utime(oldest, (1, 1))
+    shared_jit(lambda v: v + 2.0)(x)
+    remaining = list(disk_cache.glob("*.xla"))
+    assert len(remaining) == 1 and remaining[0] != oldest

@@ -78,8 +78,9 @@ def test_two_devices_learn_what_one_device_learns(two_device_run):
 
 def test_sharded_training_compiles_its_chunk_once_and_refits_reuse_it(two_device_run):
     # one program per device count; the state enters every chunk with the same shardings (the
-    # first chunk used to compile a second program for the replicated state it returned)
-    assert two_device_run["compilations"] == [1, 1, 0]
+    # first chunk used to compile a second program for the replicated state it returned); the
+    # first fit also compiles the optimiser's initial state, which every later fit shares
+    assert two_device_run["compilations"] == [2, 1, 0]
 
 
 def test_device_count_must_divide_the_groups_per_step(two_device_run):

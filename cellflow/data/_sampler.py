@@ -185,7 +185,8 @@ def build_training_arrays(
         conditions=conditions,
         group_probs=probs / probs.sum(),
     )
-    return jax.tree.map(jnp.asarray, arrays)
+    # a transfer per leaf; jnp.asarray would compile a copy per leaf shape in a fresh process
+    return jax.device_put(arrays)
 
 
 @partial(jax.jit, static_argnames=("batch_size",))

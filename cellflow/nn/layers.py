@@ -33,17 +33,19 @@ def lecun_normal(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> j
         z[outside] = rng.standard_normal(int(outside.sum()))
         outside = np.abs(z) > 2.0
     fan_in = shape[0] if len(shape) > 1 else 1
-    return jnp.asarray((z / (_TRUNCATED_STD * math.sqrt(fan_in))).reshape(shape), dtype)
+    # cast on the host: a cast on the device compiles once per shape
+    return jnp.asarray((z / (_TRUNCATED_STD * math.sqrt(fan_in))).reshape(shape).astype(np.dtype(dtype)), dtype)
 
 
 def zeros(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
     """Zeros made on the host (no per-shape compilation)."""
-    return jnp.asarray(np.zeros(shape, np.dtype(dtype)))
+    # with its dtype given, jnp.asarray transfers the buffer; without, it compiles a copy per shape
+    return jnp.asarray(np.zeros(shape, np.dtype(dtype)), dtype)
 
 
 def ones(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
     """Ones made on the host (no per-shape compilation)."""
-    return jnp.asarray(np.ones(shape, np.dtype(dtype)))
+    return jnp.asarray(np.ones(shape, np.dtype(dtype)), dtype)
 
 
 def _layer_norm(width: int, *, rngs: nnx.Rngs) -> nnx.LayerNorm:

@@ -1,7 +1,7 @@
 """The jitted training loop: scanned steps, optax schedules, EMA, orbax checkpoints with resume."""
 
 from cellflow.train._checkpoint import latest_checkpoint, restore_checkpoint, save_checkpoint
-from cellflow.train._compile import clear_compiled_programs, shared_jit
+from cellflow.train._compile import clear_compiled_programs, compilation_cache_dir, set_compilation_cache, shared_jit
 from cellflow.train._loop import LoopResult, chunk_size, run_training
 from cellflow.train._state import GROUP_AXIS, TrainState, ema_update, group_mesh, key_data, make_optimizer, scanned_training_chunk
 
@@ -11,6 +11,7 @@ __all__ = [
     "TrainState",
     "chunk_size",
     "clear_compiled_programs",
+    "compilation_cache_dir",
     "ema_update",
     "group_mesh",
     "key_data",
@@ -20,5 +21,6 @@ __all__ = [
     "run_training",
     "save_checkpoint",
     "scanned_training_chunk",
+    "set_compilation_cache",
     "shared_jit",
 ]

@@ -1,43 +1,123 @@
-"""Compiled training programs shared between fits of the same configuration.
+"""Compiled training programs shared between fits of the same configuration, in this process
+and (through an on-disk cache) across processes.
 
 Every fit builds its training chunk as a new closure, so :func:`jax.jit`'s own cache (keyed on
 the function object) never sees the same function twice and XLA compiles the chunk again:
 about 8-12 s on two CPU cores for the default flow-matching model, against well under a second
 to run a short fit's steps. Fitting the same configuration again (another seed, another
-training subset of the same sizes, a resumed run, a refit in a notebook) then pays the whole
-compilation again.
+training subset of the same sizes, a resumed run, a refit in a notebook, the same script run
+again, a notebook after a kernel restart) then pays the whole compilation again.
 
 :func:`shared_jit` keys compiled executables on what XLA compiles, not on the Python function:
 the fingerprint of the lowered StableHLO program (which holds every constant the closure bakes
 in, so two programs that differ in anything compile separately), the devices it runs on and
 the JAX version. Tracing and lowering still run for every new closure (a few seconds for the
-default model); the compilation runs once per process.
+default model); the compilation runs once per process, and once per machine while the program
+stays in the on-disk cache (loading it back takes about 0.5 s).
+
+The on-disk cache lives in ``$CELLFLOW_COMPILATION_CACHE`` if that is set (``off`` disables
+it), else in ``$XDG_CACHE_HOME/cellflow/xla`` (``~/.cache/cellflow/xla``); see
+:func:`set_compilation_cache`. Its entries are also keyed on the host's CPU model and
+features, the jaxlib version and ``XLA_FLAGS``, so a cache shared between machines (a network
+home directory) never hands one machine code compiled for another. It holds at most
+:data:`MAX_CACHE_BYTES`, least recently used programs dropped first. An entry that cannot be
+read back is deleted and compiled again; a cache that cannot be written is skipped with one
+warning. When JAX's own persistent compilation cache is on (``jax_compilation_cache_dir``), it
+already keeps every program between processes, and this cache stays out of its way: on a CPU, an
+executable that JAX loaded from its cache does not survive being serialized again.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import os
+import pickle
+import platform
+import tempfile
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
+from pathlib import Path
 from typing import Any
 
 import jax
 
-__all__ = ["clear_compiled_programs", "shared_jit"]
+__all__ = ["clear_compiled_programs", "compilation_cache_dir", "set_compilation_cache", "shared_jit"]
 
-#: Executables kept, least recently used dropped first. A default flow-matching chunk holds a
-#: few MB of machine code; the data and parameters are arguments, never part of the program.
+#: Executables kept in memory, least recently used dropped first. A default flow-matching chunk
+#: holds a few MB of machine code; the data and parameters are arguments, never part of the
+#: program.
 MAX_PROGRAMS = 32
+
+#: Size bound of the on-disk cache (about 300 default flow-matching programs).
+MAX_CACHE_BYTES = 1 << 30
+
+#: Environment variable naming the on-disk cache's folder; one of ``_OFF`` disables it.
+CACHE_ENV = "CELLFLOW_COMPILATION_CACHE"
+_OFF = frozenset({"", "0", "off", "false", "no", "none"})
+_SUFFIX = ".xla"
+# Bumped whenever the layout of a cache entry changes, so old entries are never misread.
+_FORMAT = 1
 
 _programs: OrderedDict[str, jax.stages.Compiled] = OrderedDict()
 _lock = threading.Lock()
+_UNSET: Any = object()
+_cache_dir: Path | None = _UNSET
+_warned_unwritable = False
 
 
-def clear_compiled_programs() -> None:
-    """Forget every shared compiled program (the next fit of each configuration compiles again)."""
+def _cache_dir_from_environment() -> Path | None:
+    value = os.environ.get(CACHE_ENV)
+    if value is not None:
+        return None if value.strip().lower() in _OFF else Path(value).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "cellflow" / "xla"
+
+
+def compilation_cache_dir() -> Path | None:
+    """Folder of the on-disk cache of compiled programs, or ``None`` when it is disabled."""
+    return _cache_dir_from_environment() if _cache_dir is _UNSET else _cache_dir
+
+
+def _jax_cache_is_on() -> bool:
+    return bool(jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir)
+
+
+def set_compilation_cache(path: str | os.PathLike | None) -> None:
+    """Choose where compiled training programs are kept between processes.
+
+    Parameters
+    ----------
+    path
+        A folder (created on first write), or ``None`` to compile in every new process. This
+        overrides ``$CELLFLOW_COMPILATION_CACHE`` for the rest of the process.
+
+    Examples
+    --------
+    >>> import cellflow as cf
+    >>> cf.train.set_compilation_cache("/scratch/me/cellflow-xla")  # doctest: +SKIP
+    """
+    global _cache_dir
+    _cache_dir = None if path is None else Path(path).expanduser()
+
+
+def clear_compiled_programs(*, on_disk: bool = False) -> None:
+    """Forget the compiled programs this process holds.
+
+    Parameters
+    ----------
+    on_disk
+        Also delete the on-disk cache's programs. Without it, the next fit of a configuration
+        loads its program from disk if it is there, else compiles it.
+    """
     with _lock:
         _programs.clear()
+    folder = compilation_cache_dir()
+    if on_disk and folder is not None and folder.is_dir():
+        for entry in folder.glob("*" + _SUFFIX):
+            entry.unlink(missing_ok=True)
 
 
 def _devices_of(leaves: list[Any]) -> tuple[int, ...]:
@@ -49,6 +129,24 @@ def _devices_of(leaves: list[Any]) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
+@functools.cache
+def _host() -> str:
+    """What the machine code depends on beyond the program: XLA compiles for this CPU's features."""
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as info:
+            lines = [line for line in info if line.startswith(("model name", "flags", "Features", "CPU part"))]
+        cpu = "".join(dict.fromkeys(lines))  # the first of each distinct line, in order
+    except OSError:
+        pass
+    import jaxlib
+
+    backend = jax.devices()[0].client
+    kinds = sorted({d.device_kind for d in jax.devices()})
+    return repr((platform.machine(), platform.processor(), cpu, jaxlib.__version__, backend.platform_version, kinds,
+                 os.environ.get("XLA_FLAGS", ""), _FORMAT))
+
+
 def _fingerprint(lowered: jax.stages.Lowered, devices: tuple[int, ...], context: Hashable) -> str:
     digest = hashlib.sha256()
     digest.update(lowered.as_text(debug_info=False).encode())
@@ -56,9 +154,87 @@ def _fingerprint(lowered: jax.stages.Lowered, devices: tuple[int, ...], context:
     return digest.hexdigest()
 
 
+def _disk_key(key: str) -> str:
+    return hashlib.sha256((key + _host()).encode()).hexdigest()
+
+
+def _load(folder: Path, key: str) -> jax.stages.Compiled | None:
+    from jax.experimental import serialize_executable
+
+    path = folder / (_disk_key(key) + _SUFFIX)
+    try:
+        payload = path.read_bytes()
+    except OSError:
+        return None
+    try:
+        serialized, in_tree, out_tree, device_ids = pickle.loads(payload)
+        by_id = {d.id: d for d in jax.devices()}
+        # the program's own devices, in its order: by default all devices would be assumed
+        devices = [by_id[i] for i in device_ids]
+        compiled = serialize_executable.deserialize_and_load(serialized, in_tree, out_tree, execution_devices=devices)
+    except Exception:  # noqa: BLE001 - a damaged or foreign entry is recompiled, never fatal
+        path.unlink(missing_ok=True)
+        return None
+    try:
+        os.utime(path)  # least recently used is pruned first
+    except OSError:
+        pass
+    return compiled
+
+
+def _store(folder: Path, key: str, compiled: jax.stages.Compiled) -> None:
+    global _warned_unwritable
+    from jax.experimental import serialize_executable
+
+    try:
+        device_ids = [d.id for d in compiled.runtime_executable().local_devices()]
+        entry = (*serialize_executable.serialize(compiled), device_ids)
+        payload = pickle.dumps(entry, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:  # noqa: BLE001 - some programs (or backends) cannot be serialized: keep them in memory only
+        return
+    try:
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # written whole, then renamed: a reader never sees half an entry
+        handle, temporary = tempfile.mkstemp(dir=folder, suffix=".tmp")
+        try:
+            with os.fdopen(handle, "wb") as out:
+                out.write(payload)
+            os.replace(temporary, folder / (_disk_key(key) + _SUFFIX))
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+        _prune(folder)
+    except OSError as error:
+        if not _warned_unwritable:
+            _warned_unwritable = True
+            warnings.warn(
+                f"cellflow cannot write its compilation cache in {str(folder)!r} ({error}); every new process will "
+                f"compile its training programs again. Choose another folder with "
+                f"cellflow.train.set_compilation_cache(path) or ${CACHE_ENV}, or disable it with {CACHE_ENV}=off.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+
+def _prune(folder: Path) -> None:
+    entries = []
+    for path in folder.glob("*" + _SUFFIX):
+        try:
+            status = path.stat()
+        except OSError:
+            continue
+        entries.append((status.st_mtime, status.st_size, path))
+    total = sum(size for _, size, _ in entries)
+    for _, size, path in sorted(entries, key=lambda e: e[0]):
+        if total <= MAX_CACHE_BYTES:
+            break
+        path.unlink(missing_ok=True)
+        total -= size
+
+
 def shared_jit(fn: Callable[..., Any], *, context: Hashable = None) -> Callable[..., Any]:
     """:func:`jax.jit` whose compiled executables are shared with every other program of
-    identical StableHLO, devices and ``context``.
+    identical StableHLO, devices and ``context``, in this process and through the on-disk cache.
 
     Parameters
     ----------
@@ -72,8 +248,8 @@ def shared_jit(fn: Callable[..., Any], *, context: Hashable = None) -> Callable[
     -------
     A callable with ``fn``'s signature. Its first call with given argument shapes, dtypes and
     shardings traces and lowers ``fn``, then reuses a compiled executable of the same program if
-    this process has one (else compiles it); later calls with the same signature dispatch the
-    executable directly.
+    this process has one, else loads it from the on-disk cache, else compiles it (and writes it
+    there); later calls with the same signature dispatch the executable directly.
     """
     jitted = jax.jit(fn)
     own: dict[Hashable, jax.stages.Compiled] = {}
@@ -93,7 +269,12 @@ def shared_jit(fn: Callable[..., Any], *, context: Hashable = None) -> Callable[
                 if compiled is not None:
                     _programs.move_to_end(key)
             if compiled is None:
-                compiled = lowered.compile()
+                folder = None if _jax_cache_is_on() else compilation_cache_dir()
+                compiled = None if folder is None else _load(folder, key)
+                if compiled is None:
+                    compiled = lowered.compile()
+                    if folder is not None:
+                        _store(folder, key, compiled)
                 with _lock:
                     _programs[key] = compiled
                     while len(_programs) > MAX_PROGRAMS:
