@@ -235,7 +235,7 @@ def main() -> None:
     parser.add_argument("--default-steps", type=int, nargs="+", default=[30, 300],
                         help="cumulative steps of CellFlow's default network at which it is scored")
     parser.add_argument("--default-cells", type=int, default=100, help="cells per condition predicted by it")
-    parser.add_argument("--our-default-steps", type=int, nargs="+", default=[25, 50, 100, 250, 500, 1000])
+    parser.add_argument("--our-default-steps", type=int, nargs="+", default=[10, 25, 50, 100, 250, 500, 1000])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--venv", type=Path, default=DEFAULT_VENV)
     args = parser.parse_args()

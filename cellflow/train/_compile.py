@@ -92,7 +92,9 @@ def set_compilation_cache(path: str | os.PathLike | None) -> None:
     ----------
     path
         A folder (created on first write), or ``None`` to compile in every new process. This
-        overrides ``$CELLFLOW_COMPILATION_CACHE`` for the rest of the process.
+        overrides ``$CELLFLOW_COMPILATION_CACHE`` for the rest of the process. While JAX's own
+        persistent cache is on (``jax_compilation_cache_dir``), that cache keeps the programs
+        instead and this folder is not used.
 
     Examples
     --------
