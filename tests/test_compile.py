@@ -73,7 +73,7 @@ def test_refitting_a_configuration_reuses_its_compiled_training_chunk(count_comp
     fit(0)
     after_first = count_compilations["n"]
     shared = fit(1)
-    # the second fit compiled nothing for training (prediction programs are jitted by shape already)
+    # the second fit compiled nothing, neither for training nor for prediction
     assert count_compilations["n"] == after_first
     clear_compiled_programs()
     np.testing.assert_array_equal(fit(1), shared)

@@ -29,7 +29,6 @@ from control cells noised to an intermediate ``sigma_0``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import diffrax
@@ -43,7 +42,7 @@ from jax.sharding import Mesh
 from cellflow.data import ConditionArrays, TrainingArrays, sample_batches
 from cellflow.nn import Denoiser
 from cellflow.solvers.flow_matching import init_state
-from cellflow.train import scanned_training_chunk
+from cellflow.train import scanned_training_chunk, shared_jit
 
 __all__ = [
     "DiffusionConfig",
@@ -243,7 +242,7 @@ def generate(
     return solution.ys[-1].reshape(shape)
 
 
-_sample = partial(jax.jit, static_argnums=(0, 6, 7, 8, 9, 10))(generate)
+_sample = shared_jit(generate, static_argnums=(0, 6, 7, 8, 9, 10))
 
 
 def sample(

@@ -348,6 +348,9 @@ def integrate(graphdef, params, x, condition, population, solver="heun", n_steps
             y0=y0,
             stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol) if adaptive else diffrax.ConstantStepSize(),
             max_steps=4096 if adaptive else n_steps,
+            # a fixed-step solve cannot fail, and without diffrax's error check (a host callback)
+            # the program can be kept in the on-disk compilation cache
+            throw=adaptive,
         )
         return jax.tree.map(lambda y: y[-1], solution.ys)
 
@@ -376,7 +379,8 @@ def integrate(graphdef, params, x, condition, population, solver="heun", n_steps
     return jax.lax.cond(encoded.mask.sum() > 1, member_paths, one_path, x)
 
 
-_push = partial(jax.jit, static_argnums=(0, 5, 6, 9))(integrate)
+# shared between models of one architecture and kept on disk across processes, like training
+_push = shared_jit(integrate, static_argnums=(0, 5, 6, 9))
 
 
 def energy_distance(x: jax.Array, y: jax.Array) -> jax.Array:

@@ -37,8 +37,9 @@ import platform
 import tempfile
 import threading
 import warnings
+import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,19 @@ _FORMAT = 1
 
 _programs: OrderedDict[str, jax.stages.Compiled] = OrderedDict()
 _lock = threading.Lock()
+
+
+class _Signatures:
+    """One shared_jit function's executables by call signature, weakly listed so that
+    :func:`clear_compiled_programs` can reach every live function's table."""
+
+    __slots__ = ("executables", "__weakref__")
+
+    def __init__(self) -> None:
+        self.executables: dict[Hashable, jax.stages.Compiled] = {}
+
+
+_tables: weakref.WeakSet[_Signatures] = weakref.WeakSet()
 _UNSET: Any = object()
 _cache_dir: Path | None = _UNSET
 _warned_unwritable = False
@@ -106,7 +120,7 @@ def set_compilation_cache(path: str | os.PathLike | None) -> None:
 
 
 def clear_compiled_programs(*, on_disk: bool = False) -> None:
-    """Forget the compiled programs this process holds.
+    """Forget the compiled programs this process holds (training and prediction).
 
     Parameters
     ----------
@@ -116,6 +130,8 @@ def clear_compiled_programs(*, on_disk: bool = False) -> None:
     """
     with _lock:
         _programs.clear()
+        for table in list(_tables):
+            table.executables.clear()
     folder = compilation_cache_dir()
     if on_disk and folder is not None and folder.is_dir():
         for entry in folder.glob("*" + _SUFFIX):
@@ -234,35 +250,42 @@ def _prune(folder: Path) -> None:
         total -= size
 
 
-def shared_jit(fn: Callable[..., Any], *, context: Hashable = None) -> Callable[..., Any]:
+def shared_jit(fn: Callable[..., Any], *, context: Hashable = None, static_argnums: Sequence[int] = ()) -> Callable[..., Any]:
     """:func:`jax.jit` whose compiled executables are shared with every other program of
     identical StableHLO, devices and ``context``, in this process and through the on-disk cache.
 
     Parameters
     ----------
     fn
-        Function of PyTrees of arrays, as for :func:`jax.jit` (no static arguments).
+        Function of PyTrees of arrays, as for :func:`jax.jit`, called with positional arguments.
     context
         Anything hashable that the program's compilation depends on but its text does not show,
         e.g. the ids of a mesh's devices.
+    static_argnums
+        Positions of hashable arguments that are compile-time constants, as for :func:`jax.jit`.
 
     Returns
     -------
-    A callable with ``fn``'s signature. Its first call with given argument shapes, dtypes and
-    shardings traces and lowers ``fn``, then reuses a compiled executable of the same program if
-    this process has one, else loads it from the on-disk cache, else compiles it (and writes it
-    there); later calls with the same signature dispatch the executable directly.
+    A callable with ``fn``'s signature. Its first call with given static arguments and argument
+    shapes, dtypes and shardings traces and lowers ``fn``, then reuses a compiled executable of
+    the same program if this process has one, else loads it from the on-disk cache, else
+    compiles it (and writes it there); later calls with the same signature dispatch the
+    executable directly.
     """
-    jitted = jax.jit(fn)
-    own: dict[Hashable, jax.stages.Compiled] = {}
+    static = frozenset(static_argnums)
+    jitted = jax.jit(fn, static_argnums=tuple(sorted(static)))
+    own = _Signatures()
+    with _lock:
+        _tables.add(own)
 
     def call(*args: Any) -> Any:
-        leaves, treedef = jax.tree.flatten(args)
-        signature = (treedef, tuple(
+        dynamic = tuple(a for i, a in enumerate(args) if i not in static)
+        leaves, treedef = jax.tree.flatten(dynamic)
+        signature = (tuple(args[i] for i in sorted(static)), treedef, tuple(
             (getattr(x, "shape", ()), getattr(x, "dtype", type(x)), getattr(x, "weak_type", False), getattr(x, "sharding", None))
             for x in leaves
         ))
-        compiled = own.get(signature)
+        compiled = own.executables.get(signature)
         if compiled is None:
             lowered = jitted.lower(*args)
             key = _fingerprint(lowered, _devices_of(leaves), context)
@@ -281,8 +304,12 @@ def shared_jit(fn: Callable[..., Any], *, context: Hashable = None) -> Callable[
                     _programs[key] = compiled
                     while len(_programs) > MAX_PROGRAMS:
                         _programs.popitem(last=False)
-            own[signature] = compiled
-        return compiled(*args)
+            own.executables[signature] = compiled
+        # A compiled program takes the dynamic arguments only (the static ones are in its code),
+        # structured as when it was compiled: its own check flattens with JAX's tracing registry,
+        # which takes some equal structures for different ones (deep-copied nnx Variables).
+        args_, kwargs_ = compiled.in_tree.unflatten(leaves)
+        return compiled(*args_, **kwargs_)
 
     call.__wrapped__ = fn  # type: ignore[attr-defined]
     return call
