@@ -475,10 +475,11 @@ def make_dual_train_chunk(data: DualData, optimizer: optax.GradientTransformatio
 
 def init_dual_state(params: dict[str, Any], optimizer: optax.GradientTransformation, key: jax.Array) -> TrainState:
     """A fresh :class:`TrainState` for stacked dual parameters (one optimiser state per condition)."""
-    opt_state = {name: jax.vmap(optimizer.init)(p) for name, p in params.items()}
+    # one program for all conditions (shared between fits) instead of eager compilations per leaf
+    opt_state = shared_jit(lambda stacked: {name: jax.vmap(optimizer.init)(p) for name, p in stacked.items()})(params)
     return TrainState(
         params=params,
-        ema=jax.tree.map(jnp.copy, params),
+        ema=params,  # arrays are immutable and no program donates its arguments: no copy needed
         opt_state=opt_state,
         step=jnp.zeros((), jnp.int32),
         key=jax.random.key_data(key),
