@@ -33,7 +33,7 @@ from cellflow._errors import CellflowValueError, format_choices
 from cellflow.data import ConditionArrays, TrainingArrays, sample_batches
 from cellflow.nn import ResponseField
 from cellflow.solvers.baselines import AffineResponse, push_group
-from cellflow.train import TrainState, scanned_training_chunk, shared_jit
+from cellflow.train import TrainState, initial_state, scanned_training_chunk, shared_jit
 
 __all__ = ["COMBINE_RULES", "COUPLINGS", "PATHS", "FlowMatchingConfig", "checked_plan", "couple", "sample_plan", "energy_distance", "interpolate", "make_train_chunk", "push", "init_state", "integrate"]
 
@@ -223,16 +223,7 @@ def interpolate(key: jax.Array, x0: jax.Array, x1: jax.Array, config: FlowMatchi
 def init_state(model: ResponseField, optimizer: optax.GradientTransformation, key: jax.Array) -> tuple[Any, TrainState]:
     """Split an initialised module into its graph definition and a fresh :class:`TrainState`."""
     graphdef, params = nnx.split(model)
-    state = TrainState(
-        params=params,
-        ema=params,  # arrays are immutable and no program donates its arguments: no copy needed
-        # one program (shared between fits, see shared_jit) instead of an eager compilation per
-        # leaf shape: about 0.5 s on a CPU in a fresh process
-        opt_state=shared_jit(optimizer.init)(params),
-        step=jnp.zeros((), jnp.int32),
-        key=jax.random.key_data(key),
-    )
-    return graphdef, state
+    return graphdef, initial_state(params, optimizer.init, key)
 
 
 def make_train_chunk(

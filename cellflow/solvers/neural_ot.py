@@ -48,7 +48,7 @@ from ott.solvers.linear import acceleration, sinkhorn
 from cellflow.data import ConditionArrays, TrainingArrays, sample_batches
 from cellflow.nn import ResponseField
 from cellflow.solvers.flow_matching import checked_plan
-from cellflow.train import TrainState, ema_update, scanned_training_chunk, shared_jit
+from cellflow.train import TrainState, ema_update, initial_state, scanned_training_chunk, shared_jit
 
 __all__ = [
     "DualConfig",
@@ -475,15 +475,7 @@ def make_dual_train_chunk(data: DualData, optimizer: optax.GradientTransformatio
 
 def init_dual_state(params: dict[str, Any], optimizer: optax.GradientTransformation, key: jax.Array) -> TrainState:
     """A fresh :class:`TrainState` for stacked dual parameters (one optimiser state per condition)."""
-    # one program for all conditions (shared between fits) instead of eager compilations per leaf
-    opt_state = shared_jit(lambda stacked: {name: jax.vmap(optimizer.init)(p) for name, p in stacked.items()})(params)
-    return TrainState(
-        params=params,
-        ema=params,  # arrays are immutable and no program donates its arguments: no copy needed
-        opt_state=opt_state,
-        step=jnp.zeros((), jnp.int32),
-        key=jax.random.key_data(key),
-    )
+    return initial_state(params, lambda stacked: {name: jax.vmap(optimizer.init)(p) for name, p in stacked.items()}, key)
 
 
 def dual_potentials(dim: int, config: DualConfig) -> icnn.ICNN:

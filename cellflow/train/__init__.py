@@ -3,7 +3,7 @@
 from cellflow.train._checkpoint import latest_checkpoint, restore_checkpoint, save_checkpoint
 from cellflow.train._compile import clear_compiled_programs, compilation_cache_dir, set_compilation_cache, shared_jit
 from cellflow.train._loop import LoopResult, chunk_size, run_training
-from cellflow.train._state import GROUP_AXIS, TrainState, ema_update, group_mesh, key_data, make_optimizer, scanned_training_chunk
+from cellflow.train._state import GROUP_AXIS, TrainState, ema_update, group_mesh, initial_state, key_data, make_optimizer, scanned_training_chunk
 
 __all__ = [
     "GROUP_AXIS",
@@ -14,6 +14,7 @@ __all__ = [
     "compilation_cache_dir",
     "ema_update",
     "group_mesh",
+    "initial_state",
     "key_data",
     "latest_checkpoint",
     "make_optimizer",

@@ -132,8 +132,8 @@ def clear_compiled_programs(*, on_disk: bool = False) -> None:
         _programs.clear()
         for table in list(_tables):
             table.executables.clear()
-    folder = compilation_cache_dir()
-    if on_disk and folder is not None and folder.is_dir():
+    folder = compilation_cache_dir() if on_disk else None
+    if folder is not None and folder.is_dir():
         for entry in folder.glob("*" + _SUFFIX):
             entry.unlink(missing_ok=True)
 
@@ -172,14 +172,14 @@ def _fingerprint(lowered: jax.stages.Lowered, devices: tuple[int, ...], context:
     return digest.hexdigest()
 
 
-def _disk_key(key: str) -> str:
-    return hashlib.sha256((key + _host()).encode()).hexdigest()
+def _entry(folder: Path, key: str) -> Path:
+    """The file of program ``key`` in ``folder``; the name adds the host the code was built for."""
+    return folder / (hashlib.sha256((key + _host()).encode()).hexdigest() + _SUFFIX)
 
 
-def _load(folder: Path, key: str) -> jax.stages.Compiled | None:
+def _load(path: Path) -> jax.stages.Compiled | None:
     from jax.experimental import serialize_executable
 
-    path = folder / (_disk_key(key) + _SUFFIX)
     try:
         payload = path.read_bytes()
     except OSError:
@@ -200,7 +200,7 @@ def _load(folder: Path, key: str) -> jax.stages.Compiled | None:
     return compiled
 
 
-def _store(folder: Path, key: str, compiled: jax.stages.Compiled) -> None:
+def _store(path: Path, compiled: jax.stages.Compiled) -> None:
     global _warned_unwritable
     from jax.experimental import serialize_executable
 
@@ -210,6 +210,7 @@ def _store(folder: Path, key: str, compiled: jax.stages.Compiled) -> None:
         payload = pickle.dumps(entry, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception:  # noqa: BLE001 - some programs (or backends) cannot be serialized: keep them in memory only
         return
+    folder = path.parent
     try:
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         # written whole, then renamed: a reader never sees half an entry
@@ -217,7 +218,7 @@ def _store(folder: Path, key: str, compiled: jax.stages.Compiled) -> None:
         try:
             with os.fdopen(handle, "wb") as out:
                 out.write(payload)
-            os.replace(temporary, folder / (_disk_key(key) + _SUFFIX))
+            os.replace(temporary, path)
         except BaseException:
             Path(temporary).unlink(missing_ok=True)
             raise
@@ -272,8 +273,8 @@ def shared_jit(fn: Callable[..., Any], *, context: Hashable = None, static_argnu
     compiles it (and writes it there); later calls with the same signature dispatch the
     executable directly.
     """
-    static = frozenset(static_argnums)
-    jitted = jax.jit(fn, static_argnums=tuple(sorted(static)))
+    static = tuple(sorted(set(static_argnums)))
+    jitted = jax.jit(fn, static_argnums=static)
     own = _Signatures()
     with _lock:
         _tables.add(own)
@@ -281,7 +282,7 @@ def shared_jit(fn: Callable[..., Any], *, context: Hashable = None, static_argnu
     def call(*args: Any) -> Any:
         dynamic = tuple(a for i, a in enumerate(args) if i not in static)
         leaves, treedef = jax.tree.flatten(dynamic)
-        signature = (tuple(args[i] for i in sorted(static)), treedef, tuple(
+        signature = (tuple(args[i] for i in static), treedef, tuple(
             (getattr(x, "shape", ()), getattr(x, "dtype", type(x)), getattr(x, "weak_type", False), getattr(x, "sharding", None))
             for x in leaves
         ))
@@ -295,11 +296,12 @@ def shared_jit(fn: Callable[..., Any], *, context: Hashable = None, static_argnu
                     _programs.move_to_end(key)
             if compiled is None:
                 folder = None if _jax_cache_is_on() else compilation_cache_dir()
-                compiled = None if folder is None else _load(folder, key)
+                entry = None if folder is None else _entry(folder, key)
+                compiled = None if entry is None else _load(entry)
                 if compiled is None:
                     compiled = lowered.compile()
-                    if folder is not None:
-                        _store(folder, key, compiled)
+                    if entry is not None:
+                        _store(entry, compiled)
                 with _lock:
                     _programs[key] = compiled
                     while len(_programs) > MAX_PROGRAMS:

@@ -44,6 +44,23 @@ class TrainState(NamedTuple):
     key: jax.Array
 
 
+def initial_state(params: Any, init_optimizer: Callable[[Any], Any], key: jax.Array) -> TrainState:
+    """A fresh :class:`TrainState`: step 0, the EMA equal to ``params``, ``init_optimizer(params)``.
+
+    The optimiser state is built by one program shared between fits (:func:`shared_jit`), not by
+    an eager operation per leaf, each of which compiles in a fresh process (about 0.5 s on a CPU
+    for the default flow-matching model). The EMA is the parameter arrays themselves: arrays are
+    immutable and no training program donates its arguments, so a copy would only cost.
+    """
+    return TrainState(
+        params=params,
+        ema=params,
+        opt_state=shared_jit(init_optimizer)(params),
+        step=jnp.zeros((), jnp.int32),
+        key=key_data(key),
+    )
+
+
 def make_optimizer(
     learning_rate: float, steps: int, *, warmup: int = 200, weight_decay: float = 0.0, clip: float = 1.0
 ) -> optax.GradientTransformation:
