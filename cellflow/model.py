@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -235,7 +236,32 @@ class ResponseModel:
                 columns.append(source.obs[key].astype(str).tolist())
             else:
                 columns.append([None] * n)
+        self._warn_unseen_covariates(columns)
         return list(zip(*columns)) if keys else [()] * n
+
+    def _warn_unseen_covariates(self, columns: list[list[str | None]]) -> None:
+        """Warn about covariates that are missing or hold values absent from the training data (a new patient, a typo)."""
+        for key, column in zip(self.spec_.covariate_keys, columns):
+            seen = self.spec_.covariate_values[key]
+            if column and all(v is None for v in column):
+                warnings.warn(
+                    f"covariate {key!r} is neither given in covariates= nor a column of source.obs, so every source "
+                    f"cell is predicted as of an unknown {key}; pass covariates={{{key!r}: value}} "
+                    f"(values seen in training: {format_choices(seen)}).",
+                    UserWarning,
+                    stacklevel=4,
+                )
+                continue
+            unseen = sorted({v for v in column if v is not None} - set(seen))
+            if unseen:
+                warnings.warn(
+                    f"covariate {key!r}: {format_choices(unseen)} did not occur in the training data "
+                    f"(values seen: {format_choices(seen)}), so they are predicted as new values: the learned methods use "
+                    "their 'unknown' covariate embedding and the source cells, the baselines average over the seen values. "
+                    "Check the spelling if they are meant to be known ones.",
+                    UserWarning,
+                    stacklevel=4,
+                )
 
     def predict(
         self,

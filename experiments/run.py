@@ -10,8 +10,13 @@ Tasks (see ../shared/data/README.md for provenance):
 - ``bbbc021_dose``: BBBC021 CellProfiler well profiles (robust z-scored per plate on its DMSO
   wells, redundant features dropped); hold out the 1 uM treatments of compounds with at least
   three doses; predict them from DMSO wells.
+- ``bbbc021_compound``: the same profiles; hold out every well of one compound per mechanism
+  of action (among those with at least two compounds; drawn once, with a fixed seed), and
+  predict each of its concentrations from DMSO wells, knowing the compound only through its
+  perturbation embedding: a one-hot code of its mechanism of action. Unseen drugs: the learned
+  methods read the embedding, the baselines take the compounds of the same mechanism.
 
-    python experiments/run.py [--tasks kang_patient scgen_cd4t bbbc021_dose]
+    python experiments/run.py [--tasks kang_patient scgen_cd4t bbbc021_dose bbbc021_compound]
                               [--methods identity mean_shift gaussian_ot flow_matching neural_ot
                                          neural_ot:map=per_condition] [--seeds 0 1 2]
                               [--steps N] [--option key=value ...] [--data ../shared/data] [--out results.csv]
@@ -83,10 +88,14 @@ def scgen_cd4t(data: Path) -> Task:
     )
 
 
-def bbbc021_dose(data: Path) -> Task:
+def _bbbc021_profiles(data: Path) -> ad.AnnData:
     wells = cf.datasets.read(data / "bbbc021_per_well_mean_cytominergallery.h5ad")
     normalised = cf.pp.normalize_plates(wells, plate_key="plate", control="DMSO", perturbation_key="compound")
-    adata = cf.pp.select_features(normalised, subset=(normalised.obs.compound == "DMSO").to_numpy())
+    return cf.pp.select_features(normalised, subset=(normalised.obs.compound == "DMSO").to_numpy())
+
+
+def bbbc021_dose(data: Path) -> Task:
+    adata = _bbbc021_profiles(data)
     n_doses = adata.obs.groupby("compound", observed=True)["concentration"].nunique()
     at_one = set(adata.obs.compound[adata.obs.concentration == 1.0])
     held = sorted(c for c, n in n_doses.items() if n >= 3 and c in at_one and c != "DMSO")
@@ -102,10 +111,38 @@ def bbbc021_dose(data: Path) -> Task:
     )
 
 
+def bbbc021_compound(data: Path) -> Task:
+    adata = _bbbc021_profiles(data)
+    treated = adata.obs[adata.obs.compound != "DMSO"]
+    mechanism = treated.groupby("compound", observed=True)["moa"].first().astype(str)
+    mechanisms = sorted(mechanism.unique())
+    rng = np.random.default_rng(0)  # part of the task's definition, not of any method's seed
+    held = sorted(
+        str(rng.choice(sorted(mechanism.index[mechanism == m]))) for m in mechanisms if (mechanism == m).sum() >= 2
+    )
+    embeddings = {c: np.eye(len(mechanisms), dtype=np.float32)[mechanisms.index(m)] for c, m in mechanism.items()}
+    is_held = adata.obs.compound.isin(held).to_numpy()
+    source = adata[(adata.obs.compound == "DMSO").to_numpy()]
+    cases = [
+        dict(perturbation=c, dose=float(dose), source=source,
+             truth=adata[((adata.obs.compound == c) & (adata.obs.concentration == dose)).to_numpy()])
+        for c in held
+        for dose in sorted(adata.obs.concentration[adata.obs.compound == c].unique())
+    ]
+    return Task(
+        train=adata[~is_held].copy(),
+        model_args=dict(rep="X", perturbation_key="compound", control="DMSO", dose_key="concentration",
+                        perturbation_embeddings=embeddings),
+        cases=cases,
+        rep="X",
+    )
+
+
 TASKS: dict[str, Callable[[Path], Task]] = {
     "kang_patient": kang_patient,
     "scgen_cd4t": scgen_cd4t,
     "bbbc021_dose": bbbc021_dose,
+    "bbbc021_compound": bbbc021_compound,
 }
 
 

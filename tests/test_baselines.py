@@ -94,9 +94,9 @@ def toy():
     return toy_adata()
 
 
-def fit_toy(toy, method="mean_shift", data=None):
+def fit_toy(toy, method="mean_shift", data=None, **kwargs):
     return cf.ResponseModel(
-        toy if data is None else data, rep="X", dose_key="dose", covariate_keys=("patient",), method=method
+        toy if data is None else data, rep="X", dose_key="dose", covariate_keys=("patient",), method=method, **kwargs
     ).fit()
 
 
@@ -150,4 +150,36 @@ def test_mean_shift_member_never_seen_alone():
     adata.obs["dose"] = np.where(adata.obs["condition"] == "B+C", "1+1", adata.obs["dose"].astype(str))
     model = fit_toy(adata, data=adata)
     with pytest.raises(cf.CellflowKeyError, match=r"'C' \(in 'A\+C'\) was never observed alone"):
+        model.predict(source_of(adata, "P1"), "A+C")
+
+
+def test_baselines_predict_an_unseen_perturbation_from_its_nearest_embeddings(toy):
+    # C is never measured; its embedding points at A (cosine 0.99), D ties with A and B (same vector)
+    embeddings = {"A": [1.0, 0.0], "B": [0.0, 1.0], "C": [0.9, 0.1], "D": [2.0, 2.0]}
+    train = toy[toy.obs.condition != "A+B"]
+    model = fit_toy(toy, data=train, perturbation_embeddings=embeddings)
+    source = source_of(toy, "P2")
+
+    def shift(perturbation, dose):
+        return (model.predict(source, perturbation, dose=dose).X - source.X).mean(0)
+
+    assert cf.data.embedding_neighbours(cf.data.parse_condition("C", 1.0, control="control", dose_key="dose"), model.spec_.group_conditions, model.embeddings_) == {"C": ("A",)}
+    np.testing.assert_allclose(shift("C", 1.0), SHIFTS[("A", "P2")], atol=1e-5)
+    np.testing.assert_allclose(shift("C", 8.0), 2 * SHIFTS[("A", "P2")], atol=1e-5)  # the stand-in's nearest dose
+    # D is as close to A as to B: both stand in, averaged
+    np.testing.assert_allclose(shift("D", 1.0), (SHIFTS[("A", "P2")] + SHIFTS[("B", "P2")]) / 2, atol=1e-5)
+    # in a combination, the unseen member's stand-ins are added to the seen member
+    np.testing.assert_allclose(shift("B+C", "1+1"), SHIFTS[("B", "P2")] + SHIFTS[("A", "P2")], atol=1e-5)
+    # without a vector there is still nothing to go on
+    with pytest.raises(cf.CellflowKeyError, match="'E' was not seen in training and has no entry in perturbation_embeddings"):
+        model.predict(source, "E")
+
+
+def test_one_hot_codes_never_stand_in_for_a_member_seen_only_in_combinations():
+    adata = toy_adata()
+    adata.obs["condition"] = adata.obs["condition"].astype(str).replace({"B": "B+C"})
+    adata.obs["dose"] = np.where(adata.obs["condition"] == "B+C", "1+1", adata.obs["dose"].astype(str))
+    model = fit_toy(adata, data=adata)
+    assert cf.data.embedding_neighbours(cf.data.parse_condition("A+C", "1+1", control="control", dose_key="dose"), model.spec_.group_conditions, model.embeddings_) == {}
+    with pytest.raises(cf.CellflowKeyError, match="give it a vector in perturbation_embeddings"):
         model.predict(source_of(adata, "P1"), "A+C")

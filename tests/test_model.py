@@ -78,3 +78,20 @@ def test_array_source_accepted(toy):
     model = cf.ResponseModel(toy, rep="X", method="mean_shift").fit()
     pred = model.predict(np.zeros((4, 3), np.float32), "A")
     assert isinstance(pred, ad.AnnData) and pred.shape == (4, 3)
+
+
+def test_unseen_or_missing_covariates_warn_and_known_ones_do_not(toy):
+    import warnings
+
+    model = cf.ResponseModel(toy, rep="X", dose_key="dose", covariate_keys=("patient",), method="mean_shift").fit()
+    source = toy[toy.obs.condition == "control"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.predict(source, "A", dose=1.0)  # every patient seen: silent
+        model.predict(source, "A", dose=1.0, covariates={"patient": "P2"})
+    with pytest.warns(UserWarning, match=r"covariate 'patient': \['P9'\] did not occur in the training data \(values seen: \['P1', 'P2', 'P3'\]\)"):
+        typo = model.predict(source, "A", dose=1.0, covariates={"patient": "P9"})
+    with pytest.warns(UserWarning, match="covariate 'patient' is neither given in covariates= nor a column of source.obs"):
+        from_array = model.predict(np.asarray(source.X), "A", dose=1.0)
+    # both are predicted as an unknown patient, i.e. the same way
+    np.testing.assert_array_equal(typo.X, from_array.X)

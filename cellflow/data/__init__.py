@@ -15,7 +15,7 @@ from cellflow.data._dataset import (
 )
 from cellflow.data._embeddings import EmbeddingTable, make_embedding_table
 from cellflow.data._fingerprints import morgan_fingerprints
-from cellflow.data._lookup import condition_weights
+from cellflow.data._lookup import condition_weights, embedding_neighbours
 from cellflow.data._representation import (
     available_representations,
     check_finite,
@@ -58,6 +58,7 @@ __all__ = [
     "chain_snapshots",
     "check_finite",
     "condition_weights",
+    "embedding_neighbours",
     "encode_condition",
     "format_dose",
     "get_representation",

@@ -8,7 +8,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from cellflow.data import Condition, DataSpec, EmbeddingTable, PerturbationData, condition_weights
+from cellflow.data import Condition, DataSpec, EmbeddingTable, PerturbationData, condition_weights, embedding_neighbours
 from cellflow.methods._base import Method, Option
 from cellflow.solvers import baselines
 
@@ -62,7 +62,8 @@ class _AffineBaseline(Method):
         covariates: tuple[str | None, ...],
         key: jax.Array,
     ) -> np.ndarray:
-        weights = condition_weights(condition, covariates, spec.group_conditions, spec.group_covariates)
+        neighbours = embedding_neighbours(condition, spec.group_conditions, embeddings)
+        weights = condition_weights(condition, covariates, spec.group_conditions, spec.group_covariates, neighbours)
         return np.asarray(baselines.push(state, source, weights))
 
     def state_to_arrays(self, state: baselines.AffineResponse) -> dict[str, np.ndarray]:
@@ -79,7 +80,9 @@ class MeanShift(_AffineBaseline):
     """Adds the observed mean shift of the condition (control pool to treated cells).
 
     Combinations add their members' shifts; an unseen dose takes the nearest seen dose on a log
-    scale; unseen covariate values average over those where the condition was observed (see
+    scale; unseen covariate values average over those where the condition was observed; a
+    perturbation never observed alone, given a vector in ``perturbation_embeddings``, takes the
+    shift of the most similar perturbations observed alone (see
     :func:`cellflow.data.condition_weights`).
     """
 
