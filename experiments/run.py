@@ -21,7 +21,8 @@ Tasks (see ../shared/data/README.md for provenance):
                                          neural_ot:map=per_condition] [--seeds 0 1 2]
                               [--steps N] [--option key=value ...] [--data ../shared/data] [--out results.csv]
 
-Prints a table per task and, at the end, one JSON object with every figure.
+Prints a table per task and, at the end, one JSON object with every figure: means over the
+cases and seeds, and the median of each R² (a condition that barely moves can dominate its mean).
 """
 
 from __future__ import annotations
@@ -218,7 +219,12 @@ def main() -> None:
     if args.out:
         results.to_csv(args.out, index=False)
     metrics = [c for c in ("energy_distance", "mmd", "r2_delta", "r2_delta_top50_degs") if c in results]
-    summary = results.groupby(["task", "method"], sort=False)[metrics].mean()
+    grouped = results.groupby(["task", "method"], sort=False)
+    summary = grouped[metrics].mean()
+    # a few conditions that barely move (R² of a near-zero shift) can dominate the mean of R²
+    for column in ("r2_delta", "r2_delta_top50_degs"):
+        if column in results:
+            summary[f"{column}_median"] = grouped[column].median()
     with pd.option_context("display.width", 160, "display.float_format", "{:.4f}".format):
         print(summary.to_string())
     payload = {f"{t}/{m}": {k: round(float(v), 4) for k, v in row.items() if np.isfinite(v)} for (t, m), row in summary.iterrows()}
