@@ -157,6 +157,21 @@ def test_a_refit_after_the_memory_is_cleared_loads_its_training_program_from_dis
     assert count_compilations["n"] == 2 * compiled
 
 
+def test_the_diffusion_sampler_is_kept_on_disk_too(disk_cache, count_compilations):
+    from test_diffusion import SMALL as SMALL_DIFFUSION
+
+    adata = shift_data(n=100)
+    source = adata[adata.obs.condition == "control"][:50]
+    model = cf.ResponseModel(adata, rep="X", method="diffusion", **SMALL_DIFFUSION).fit(steps=10, batch_size=32, progress=False)
+    first = model.predict(source, "A", seed=0).X
+    compiled = count_compilations["n"]
+    entries = len(list(disk_cache.glob("*.xla")))
+    assert entries >= 3  # the optimiser's initial state, the training chunk and the sampler
+    clear_compiled_programs()  # as in a new process
+    np.testing.assert_array_equal(model.predict(source, "A", seed=0).X, first)
+    assert count_compilations["n"] == compiled
+
+
 def test_a_new_process_reuses_the_program_a_previous_one_compiled(tmp_path):
     # the entry holds the argument and result structures too (here a TrainState), so a process
     # that has never compiled the program can call it

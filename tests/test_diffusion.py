@@ -132,3 +132,9 @@ def test_option_validation():
         cf.ResponseModel(adata, rep="X", method="diffusion", p_std=0)
     with pytest.raises(cf.CellflowKeyError, match=r"option 'guidence'.*Did you mean 'guidance'"):
         cf.ResponseModel(adata, rep="X", method="diffusion", guidence=2.0)
+    # sampling runs down to sigma_min, so it must start above it
+    with pytest.raises(cf.CellflowValueError, match=r"start_sigma=0.001.*must be larger"):
+        cf.ResponseModel(adata, rep="X", method="diffusion", start="source", start_sigma=0.001)
+    with pytest.raises(cf.CellflowValueError, match=r"sigma_max=0.5.*sigma_min=1.0"):
+        cf.ResponseModel(adata, rep="X", method="diffusion", sigma_max=0.5, sigma_min=1.0)
+    cf.ResponseModel(adata, rep="X", method="diffusion", start="source", start_sigma=0.5)  # sigma_max is unused then

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 from flax import nnx
 
+from cellflow._errors import CellflowValueError
 from cellflow.data import (
     Condition,
     DataSpec,
@@ -126,6 +127,18 @@ class Diffusion(Method):
         "patience": Option(5, "evaluations without improvement before stopping", _positive_int),
         **training_loop_options(),
     }
+
+    def validate_options(self, given: Mapping[str, Any]) -> dict[str, Any]:
+        """As for every method, plus the order of the noise levels: sampling runs from
+        ``sigma_max`` (or ``start_sigma`` with ``start="source"``) down to ``sigma_min``."""
+        options = super().validate_options(given)
+        start = ("start_sigma", options["start_sigma"]) if options["start"] == "source" else ("sigma_max", options["sigma_max"])
+        if not start[1] > options["sigma_min"]:
+            raise CellflowValueError(
+                f"option {start[0]}={start[1]!r} for method {self.name!r} is invalid: sampling runs from it down to "
+                f"sigma_min={options['sigma_min']!r}, so it must be larger."
+            )
+        return options
 
     # -- construction -------------------------------------------------------------------------
     def _config(self, options: Mapping[str, Any], batch_size: int = 128) -> diff.DiffusionConfig:

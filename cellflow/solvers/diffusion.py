@@ -39,6 +39,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
+from cellflow._errors import CellflowValueError
 from cellflow.data import ConditionArrays, TrainingArrays, sample_batches
 from cellflow.nn import Denoiser
 from cellflow.solvers.flow_matching import init_state
@@ -182,6 +183,22 @@ def make_train_chunk(
     return scanned_training_chunk(loss_fn, sample, optimizer, config.ema_decay, chunk, arrays, mesh)
 
 
+class _NoiseGrid(diffrax.StepTo):
+    """``diffrax.StepTo`` over a grid that is valid by construction, without its run-time checks.
+
+    StepTo verifies the grid (strictly monotonic, ending at ``t0`` and ``t1``) with host callbacks,
+    and a compiled program holding a callback cannot be serialized: the sampler could not be kept
+    in the on-disk compilation cache. :func:`generate` builds its grid from a strictly decreasing
+    noise schedule and integrates from its first to its last time, so the checks cannot fail.
+    """
+
+    def wrap(self, direction):
+        return type(self)(ts=self.ts * direction)
+
+    def init(self, terms, t0, t1, y0, dt0, args, func, error_order):
+        return self.ts[1], 2
+
+
 def generate(
     graphdef: Any,
     params: Any,
@@ -203,6 +220,8 @@ def generate(
     model = nnx.merge(graphdef, params)
     encoded = model.encode(condition, population)
     start = config.sigma_max if sigma_start is None else float(sigma_start)
+    if not start > config.sigma_min:
+        raise CellflowValueError(f"sampling starts at noise level {start} but must start above sigma_min={config.sigma_min}.")
     key_start, key_brownian = jax.random.split(key)
     noise = jax.random.normal(key_start, source.shape, source.dtype)
     x = start * noise if sigma_start is None else source + start * noise
@@ -236,8 +255,10 @@ def generate(
         t1=times[-1],
         dt0=None,
         y0=x.reshape(-1),
-        stepsize_controller=diffrax.StepTo(ts=times),
+        stepsize_controller=_NoiseGrid(ts=times),
         max_steps=n_steps,
+        # exactly n_steps steps through the grid, so the solve cannot fail: no error check (a host callback)
+        throw=False,
     )
     return solution.ys[-1].reshape(shape)
 
