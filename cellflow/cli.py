@@ -37,6 +37,7 @@ def _train(args) -> int:
     import cellflow as cf
 
     adata = cf.datasets.read(args.data)
+    embeddings = None if args.perturbation_embeddings is None else cf.datasets.read_embeddings(args.perturbation_embeddings)
     model = cf.ResponseModel(
         adata,
         rep=args.rep,
@@ -46,6 +47,7 @@ def _train(args) -> int:
         covariate_keys=tuple(args.covariate_key or ()),
         time_key=args.time_key,
         pair_key=args.pair_key,
+        perturbation_embeddings=embeddings,
         method=args.method,
         **_key_values(args.option, "--option"),
     )
@@ -110,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--covariate-key", action="append", help="repeat for several covariates")
     train.add_argument("--time-key", default=None, help="numeric obs column of measurement times (time courses)")
     train.add_argument("--pair-key", default=None, help="obs column naming each treated cell's control partner")
+    train.add_argument(
+        "--perturbation-embeddings", default=None, metavar="FILE",
+        help="table of perturbation vectors (a names column plus numeric columns; csv/tsv/parquet/h5ad/npz); "
+        "perturbations listed beyond the data can then be predicted",
+    )
     train.add_argument("--option", action="append", help="method option as key=value (repeatable)")
     train.add_argument("--steps", type=int, default=None)
     train.add_argument("--batch-size", type=int, default=None)

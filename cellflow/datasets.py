@@ -72,7 +72,7 @@ import pandas as pd
 
 from cellflow._errors import CellflowKeyError, CellflowValueError, format_choices
 
-__all__ = ["SyntheticTruth", "synthetic", "time_course", "read", "format_dose", "CONTROL", "SUPPORTED_SUFFIXES"]
+__all__ = ["SyntheticTruth", "synthetic", "time_course", "read", "read_embeddings", "format_dose", "CONTROL", "SUPPORTED_SUFFIXES"]
 
 #: Name of the untreated condition in ``obs["condition"]``.
 CONTROL = "control"
@@ -1005,6 +1005,71 @@ def read(
     embedded.obsm[obsm_key] = np.asarray(adata.X)
     embedded.uns["feature_names"] = [str(v) for v in adata.var_names]
     return embedded
+
+
+def read_embeddings(path: str | PathLike[str], *, name_column: str | None = None) -> pd.DataFrame:
+    """Read a table of perturbation embeddings: one row per perturbation, one column per dimension.
+
+    The result is what ``ResponseModel(perturbation_embeddings=...)`` takes; rows beyond the
+    training data make those perturbations predictable (see :func:`cellflow.data.embedding_neighbours`
+    for the baselines). Gene embeddings of a foundation model, drug fingerprints written by
+    :func:`cellflow.data.morgan_fingerprints`, or any descriptor table will do.
+
+    Parameters
+    ----------
+    path
+        ``.csv`` / ``.tsv`` (optionally compressed), ``.parquet``, ``.h5ad`` or ``.npz``, read by
+        :func:`read`: numeric columns are the vector, the names come from ``name_column``, else
+        from the only non-numeric column, else from the table's index (``obs_names``).
+    name_column
+        The column holding the perturbation names (needed when several columns are not numeric;
+        the others, e.g. SMILES or annotations, are then ignored).
+
+    Returns
+    -------
+    pandas.DataFrame
+        Indexed by perturbation name (str), float32 columns.
+
+    Raises
+    ------
+    CellflowKeyError
+        ``name_column`` is not a column of the table.
+    CellflowValueError
+        No column or index holds names, or several non-numeric columns could (pass ``name_column``);
+        duplicated names; and whatever :func:`read` raises.
+    """
+    table = read(path, metadata_prefix=None)
+    text_columns = list(table.obs.columns)
+    if name_column is not None:
+        columns = text_columns + [str(c) for c in table.var_names]
+        if name_column not in columns:
+            raise CellflowKeyError(
+                f"read_embeddings: name_column={name_column!r} is not a column of {str(path)!r}; "
+                f"valid choices: {format_choices(columns)}."
+            )
+        if name_column not in text_columns:
+            # numeric names (e.g. gene IDs) were read as a dimension: read again with them as metadata
+            table = read(path, obs_columns=[name_column], metadata_prefix=None)
+        names = table.obs[name_column].astype(str).to_numpy()
+    elif len(text_columns) == 1:
+        names = table.obs[text_columns[0]].astype(str).to_numpy()
+    elif len(text_columns) > 1:
+        raise CellflowValueError(
+            f"read_embeddings: {str(path)!r} has several non-numeric columns {format_choices(text_columns)}; "
+            f"pass name_column=<the one holding the perturbation names>."
+        )
+    elif isinstance(table.obs_names, pd.RangeIndex) or list(table.obs_names) == [str(i) for i in range(table.n_obs)]:
+        raise CellflowValueError(
+            f"read_embeddings: {str(path)!r} has no column of perturbation names (every column is numeric and the "
+            f"rows are unnamed); add one, e.g. a first column 'perturbation'."
+        )
+    else:
+        names = np.asarray(table.obs_names, dtype=str)
+    duplicated = sorted({n for n in names if (names == n).sum() > 1})
+    if duplicated:
+        raise CellflowValueError(f"read_embeddings: {str(path)!r} names {format_choices(duplicated)} more than once.")
+    vectors = np.asarray(table.X.toarray() if hasattr(table.X, "toarray") else table.X, dtype=np.float32)
+    return pd.DataFrame(vectors, index=pd.Index(names, name="perturbation"), columns=[str(c) for c in table.var_names])
 
 
 def time_course(

@@ -58,3 +58,19 @@ def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):
     toy_adata().write_h5ad(data)
     assert main(["train", str(data), "--out", str(tmp_path / "m"), "--rep", "nope"]) == 2
     assert "rep='nope'" in capsys.readouterr().err
+
+
+def test_cli_train_with_an_embedding_table_predicts_an_unseen_perturbation(tmp_path):
+    adata = toy_adata()
+    data = tmp_path / "toy.h5ad"
+    adata.write_h5ad(data)
+    # C was never measured; its vector is closest to A's
+    pd.DataFrame({"drug": ["A", "B", "C"], "e0": [1.0, 0.0, 0.9], "e1": [0.0, 1.0, 0.1]}).to_csv(tmp_path / "emb.csv", index=False)
+    model_dir = tmp_path / "model"
+    assert main(["train", str(data), "--out", str(model_dir), "--rep", "X", "--dose-key", "dose", "--covariate-key", "patient",
+                 "--method", "mean_shift", "--perturbation-embeddings", str(tmp_path / "emb.csv"), "--quiet"]) == 0
+    out = tmp_path / "pred.h5ad"
+    assert main(["predict", str(model_dir), str(data), "--source-control", "--perturbation", "C", "--dose", "1.0",
+                 "--covariate", "patient=P1", "--out", str(out)]) == 0
+    source = adata[adata.obs.condition == "control"]
+    np.testing.assert_allclose((cf.datasets.read(out).X - source.X).mean(0), [1.0, 0.0, 0.0], atol=1e-5)  # A's shift in P1

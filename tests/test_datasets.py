@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import cellflow as cf
 from cellflow._errors import CellflowKeyError, CellflowValueError
 from cellflow.datasets import SyntheticTruth, read, synthetic
 
@@ -314,3 +315,35 @@ def test_truth_class_standalone():
     np.testing.assert_allclose(
         t.displacement(x, "A+B"), t.displacement(x, "A") + t.displacement(x, "B"), atol=1e-12
     )
+
+
+def test_read_embeddings_takes_names_from_a_column_or_the_index(tmp_path):
+    table = pd.DataFrame({"perturbation": ["A", "B", "C"], "e0": [1.0, 0.0, 0.9], "e1": [0.0, 1.0, 0.1]})
+    expected = table.set_index("perturbation").astype(np.float32)
+    table.to_csv(tmp_path / "e.csv", index=False)
+    table.to_csv(tmp_path / "e.tsv.gz", sep="\t", index=False)
+    table.to_parquet(tmp_path / "e.parquet")
+    table.set_index("perturbation").to_csv(tmp_path / "indexed.csv")
+    for name in ("e.csv", "e.tsv.gz", "e.parquet", "indexed.csv"):
+        read = cf.datasets.read_embeddings(tmp_path / name)
+        assert list(read.index) == ["A", "B", "C"] and list(read.columns) == ["e0", "e1"], name
+        np.testing.assert_array_equal(read.to_numpy(), expected.to_numpy())
+    # numeric names (gene IDs) given explicitly are names, not a dimension
+    table.assign(perturbation=[101, 102, 103]).to_csv(tmp_path / "ids.csv", index=False)
+    assert list(cf.datasets.read_embeddings(tmp_path / "ids.csv", name_column="perturbation").index) == ["101", "102", "103"]
+    # the result is what ResponseModel takes
+    assert cf.data.make_embedding_table(["A", "B"], cf.datasets.read_embeddings(tmp_path / "e.csv")).names == ("A", "B", "C")
+
+
+def test_read_embeddings_rejects_tables_without_clear_names(tmp_path):
+    table = pd.DataFrame({"perturbation": ["A", "A"], "target": ["x", "y"], "e0": [1.0, 0.0]})
+    table[["e0"]].to_csv(tmp_path / "unnamed.csv", index=False)
+    with pytest.raises(cf.CellflowValueError, match="no column of perturbation names"):
+        cf.datasets.read_embeddings(tmp_path / "unnamed.csv")
+    table.to_csv(tmp_path / "two.csv", index=False)
+    with pytest.raises(cf.CellflowValueError, match=r"several non-numeric columns \['perturbation', 'target'\]; pass name_column"):
+        cf.datasets.read_embeddings(tmp_path / "two.csv")
+    with pytest.raises(cf.CellflowKeyError, match=r"name_column='drug' is not a column.*valid choices: \['perturbation', 'target', 'e0'\]"):
+        cf.datasets.read_embeddings(tmp_path / "two.csv", name_column="drug")
+    with pytest.raises(cf.CellflowValueError, match=r"names \['A'\] more than once"):
+        cf.datasets.read_embeddings(tmp_path / "two.csv", name_column="perturbation")
