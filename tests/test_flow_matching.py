@@ -204,11 +204,13 @@ def test_validation_split_records_scores():
     assert "val_energy_distance" in model.history_ and model.history_["val_energy_distance"].notna().all()
 
 
-def test_unseen_perturbation_with_embedding_and_combination():
+@pytest.mark.parametrize("prior", ["none", "mean_shift"])
+def test_unseen_perturbation_with_embedding_and_combination(prior):
+    # with a prior, the unseen C starts from the baseline's stand-ins (A and B tie: both averaged)
     adata = shift_data(n=100)
     embeddings = {"A": [1.0, 0.0], "B": [0.0, 1.0], "C": [0.7, 0.7]}
     model = cf.ResponseModel(
-        adata, rep="X", method="flow_matching", perturbation_embeddings=embeddings, **SMALL
+        adata, rep="X", method="flow_matching", perturbation_embeddings=embeddings, prior=prior, **SMALL
     ).fit(steps=50, batch_size=32, progress=False)
     source = adata[adata.obs.condition == "control"]
     pred = model.predict(source, ["C", "A+B"])
