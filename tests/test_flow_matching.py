@@ -379,11 +379,15 @@ def test_combining_by_displacements_adds_each_members_own_flow_plus_the_interact
     no_interaction["interaction_field"]["out"] = jax.tree.map(jnp.zeros_like, params["interaction_field"]["out"])
     additive_pair = np.asarray(fm.push(graphdef, no_interaction, x, _condition(0, 1), population, combine="displacements"))
     np.testing.assert_allclose(additive_pair, members_alone, atol=1e-5)
+    # "members" is that prediction with the interaction field in place: it is left out
+    np.testing.assert_allclose(push(_condition(0, 1), "members"), members_alone, atol=1e-5)
+    for single in (_condition(0), _condition(1)):
+        np.testing.assert_array_equal(push(single, "members"), push(single, "velocities"))
     # The interaction field moves the pair on top of that, and summing the fields' velocities along
     # one path is a different prediction.
     assert np.abs(pair - members_alone).mean() > 1e-2
     assert np.abs(push(_condition(0, 1), "velocities") - pair).mean() > 1e-2
-    with pytest.raises(cf.CellflowValueError, match=r"combine='sum'.*'displacements', 'velocities'"):
+    with pytest.raises(cf.CellflowValueError, match=r"combine='sum'.*'displacements', 'members', 'velocities'"):
         push(_condition(0, 1), "sum")
 
     graphdef, params = _random_response_field("joint")
@@ -405,5 +409,12 @@ def test_combine_auto_keeps_the_trained_flow_for_seen_combinations_and_adds_disp
     for condition, rule in (("A+B", "velocities"), ("B+C", "displacements"), ("A+C", "displacements"), ("C", "velocities")):
         np.testing.assert_array_equal(predicted(condition, "auto"), predicted(condition, rule), err_msg=condition)
     assert not np.allclose(predicted("B+C", "displacements"), predicted("B+C", "velocities"))
-    with pytest.raises(cf.CellflowValueError, match=r"combine.*'auto', 'displacements', 'velocities'"):
+    # without the unseen-combination interaction guess, only new combinations change: to members alone
+    model.options["unseen_interaction"] = False
+    for condition, rule in (("A+B", "velocities"), ("B+C", "members"), ("C", "velocities")):
+        np.testing.assert_array_equal(predicted(condition, "auto"), predicted(condition, rule), err_msg=condition)
+    assert not np.allclose(predicted("B+C", "members"), predicted("B+C", "displacements"))
+    with pytest.raises(cf.CellflowValueError, match=r"combine.*'auto', 'displacements', 'members', 'velocities'"):
         cf.ResponseModel(adata, rep="X", method="flow_matching", combine="sum")
+    with pytest.raises(cf.CellflowValueError, match=r"unseen_interaction='no'.*valid choices: \[True, False\]"):
+        cf.ResponseModel(adata, rep="X", method="flow_matching", unseen_interaction="no")

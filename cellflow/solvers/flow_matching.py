@@ -276,7 +276,7 @@ def _solver(name: str):
 
 
 #: How the member fields of an additive field make a combination's prediction.
-COMBINE_RULES = ("displacements", "velocities")
+COMBINE_RULES = ("displacements", "members", "velocities")
 
 
 def push(
@@ -311,8 +311,10 @@ def push(
         For a combination under an additive field: ``"displacements"`` moves each source cell
         by every member's field on its own (each field only sees positions along its own
         member's path, where it was trained) and adds the displacements, plus what the
-        interaction field adds along the combined path; ``"velocities"`` integrates the sum of
-        the fields along one path. Single perturbations and joint fields are unaffected.
+        interaction field adds along the combined path; ``"members"`` does the same without the
+        interaction field (the purely additive prediction from the members); ``"velocities"``
+        integrates the sum of the fields along one path. Single perturbations and joint fields
+        are unaffected.
 
     Returns
     -------
@@ -349,13 +351,17 @@ def integrate(graphdef, params, x, condition, population, solver="heun", n_steps
         return solve(lambda t, y, args: model(t, y, encoded), x)
 
     slots = encoded.tokens.shape[0]
-    if not (combine == "displacements" and model.field == "additive" and slots > 1):
+    if not (combine in ("displacements", "members") and model.field == "additive" and slots > 1):
         return one_path(x)
 
     def combined(members, interaction):
         return x + jnp.sum(members - x, axis=0) + interaction
 
     def member_paths(x):
+        starts = jnp.broadcast_to(x, (slots, *x.shape))
+        if combine == "members":
+            return combined(solve(lambda t, members, args: model.member_velocities(t, members, encoded), starts), 0.0)
+
         # state: each member's own path (K, n, d) and the interaction's displacement (n, d)
         def velocity(t, state, args):
             members, interaction = state
@@ -364,7 +370,7 @@ def integrate(graphdef, params, x, condition, population, solver="heun", n_steps
                 model.interaction_velocity(t, combined(members, interaction), encoded),
             )
 
-        return combined(*solve(velocity, (jnp.broadcast_to(x, (slots, *x.shape)), jnp.zeros_like(x))))
+        return combined(*solve(velocity, (starts, jnp.zeros_like(x))))
 
     # a single member's own path is the one path: skip the empty slots' work
     return jax.lax.cond(encoded.mask.sum() > 1, member_paths, one_path, x)
