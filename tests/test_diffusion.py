@@ -138,3 +138,19 @@ def test_option_validation():
     with pytest.raises(cf.CellflowValueError, match=r"sigma_max=0.5.*sigma_min=1.0"):
         cf.ResponseModel(adata, rep="X", method="diffusion", sigma_max=0.5, sigma_min=1.0)
     cf.ResponseModel(adata, rep="X", method="diffusion", start="source", start_sigma=0.5)  # sigma_max is unused then
+
+
+def test_the_sampler_grid_steps_exactly_as_diffrax_step_to():
+    # _NoiseGrid only drops StepTo's run-time checks (host callbacks); the steps must be the same
+    import diffrax
+
+    times = -diff.sigma_schedule(jnp.linspace(0.0, 1.0, 9), 80.0, diff.DiffusionConfig())[0]
+    term = diffrax.ODETerm(lambda t, y, args: -y / t + jnp.sin(t))
+
+    def solve(controller):
+        return diffrax.diffeqsolve(
+            term, diffrax.Heun(), t0=times[0], t1=times[-1], dt0=None, y0=jnp.ones(3), stepsize_controller=controller,
+            max_steps=8, saveat=diffrax.SaveAt(steps=True),
+        ).ys
+
+    np.testing.assert_array_equal(solve(diff._NoiseGrid(ts=times)), solve(diffrax.StepTo(ts=times)))
