@@ -1065,11 +1065,12 @@ def read_embeddings(path: str | PathLike[str], *, name_column: str | None = None
         )
     else:
         names = np.asarray(table.obs_names, dtype=str)
-    duplicated = sorted({n for n in names if (names == n).sum() > 1})
+    index = pd.Index(names)
+    duplicated = sorted(index[index.duplicated()].unique())
     if duplicated:
         raise CellflowValueError(f"read_embeddings: {str(path)!r} names {format_choices(duplicated)} more than once.")
     vectors = np.asarray(table.X.toarray() if hasattr(table.X, "toarray") else table.X, dtype=np.float32)
-    return pd.DataFrame(vectors, index=pd.Index(names, name="perturbation"), columns=[str(c) for c in table.var_names])
+    return pd.DataFrame(vectors, index=index.rename("perturbation"), columns=[str(c) for c in table.var_names])
 
 
 def time_course(

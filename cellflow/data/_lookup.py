@@ -19,7 +19,7 @@ can use it:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -70,7 +70,7 @@ def condition_weights(
     query_covariates: tuple[str | None, ...],
     conditions: Sequence[Condition],
     covariates: Sequence[tuple[str, ...]],
-    neighbours: Mapping[str, Sequence[str]] | None = None,
+    embeddings: EmbeddingTable | None = None,
 ) -> np.ndarray:
     """Weights ``w`` over training groups such that the query's response is ``sum_g w[g] r[g]``.
 
@@ -84,9 +84,9 @@ def condition_weights(
         The condition of every training group.
     covariates
         The covariate values of every training group.
-    neighbours
-        ``{member: names}`` for members never observed alone: each stands for the average of
-        those perturbations (observed alone) at its dose, e.g. from :func:`embedding_neighbours`.
+    embeddings
+        The model's perturbation embeddings: a member never observed alone stands for the
+        average of its :func:`embedding_neighbours` (observed alone) at its dose.
 
     Returns
     -------
@@ -96,12 +96,12 @@ def condition_weights(
     ------
     CellflowKeyError
         A member of the query was never observed alone (and the query never as a whole) and has
-        no ``neighbours``.
+        no neighbour in ``embeddings``.
     """
     weights = np.zeros(len(conditions), dtype=np.float64)
     if query.is_control:
         return weights
-    neighbours = neighbours or {}
+    neighbours = {} if embeddings is None else embedding_neighbours(query, conditions, embeddings)
     whole = [g for g, c in enumerate(conditions) if c.members == query.members]
     parts = [(whole, query.doses, 1.0)] if whole else []
     if not parts:

@@ -8,7 +8,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from cellflow.data import Condition, DataSpec, EmbeddingTable, PerturbationData, condition_weights, embedding_neighbours
+from cellflow.data import Condition, DataSpec, EmbeddingTable, PerturbationData, condition_weights
 from cellflow.methods._base import Method, Option
 from cellflow.solvers import baselines
 
@@ -62,8 +62,7 @@ class _AffineBaseline(Method):
         covariates: tuple[str | None, ...],
         key: jax.Array,
     ) -> np.ndarray:
-        neighbours = embedding_neighbours(condition, spec.group_conditions, embeddings)
-        weights = condition_weights(condition, covariates, spec.group_conditions, spec.group_covariates, neighbours)
+        weights = condition_weights(condition, covariates, spec.group_conditions, spec.group_covariates, embeddings)
         return np.asarray(baselines.push(state, source, weights))
 
     def state_to_arrays(self, state: baselines.AffineResponse) -> dict[str, np.ndarray]:

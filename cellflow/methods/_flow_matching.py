@@ -19,7 +19,6 @@ from cellflow.data import (
     PerturbationData,
     build_training_arrays,
     condition_weights,
-    embedding_neighbours,
     encode_condition,
 )
 from cellflow.methods._base import Method, Option
@@ -338,8 +337,7 @@ class FlowMatching(Method):
         population = source[np.asarray(jax.random.randint(key, (options["population_size"],), 0, n))]
         start = source
         if state.prior is not None:
-            neighbours = embedding_neighbours(condition, spec.group_conditions, embeddings)
-            weights = condition_weights(condition, covariates, spec.group_conditions, spec.group_covariates, neighbours)
+            weights = condition_weights(condition, covariates, spec.group_conditions, spec.group_covariates, embeddings)
             start = np.asarray(baselines.push(state.prior, source, weights))
         padded = _bucket(n)
         x = np.zeros((padded, source.shape[1]), np.float32)
