@@ -7,6 +7,8 @@ Tasks (see ../shared/data/README.md for provenance):
   per cell type. Metrics in a 50-d PCA of log counts, and R² of the mean shift over the top
   50 DEGs after decoding to genes.
 - ``scgen_cd4t``: Kang 2018 as preprocessed for scGen; hold out stimulated CD4T cells.
+- ``scgen_celltypes``: the same data, every cell type held out in turn (scGen's whole
+  benchmark: seven folds, one model each); predict its stimulated cells from its control cells.
 - ``bbbc021_dose``: BBBC021 CellProfiler well profiles (robust z-scored per plate on its DMSO
   wells, redundant features dropped); hold out the 1 uM treatments of compounds with at least
   three doses; predict them from DMSO wells.
@@ -16,7 +18,7 @@ Tasks (see ../shared/data/README.md for provenance):
   perturbation embedding: a one-hot code of its mechanism of action. Unseen drugs: the learned
   methods read the embedding, the baselines take the compounds of the same mechanism.
 
-    python experiments/run.py [--tasks kang_patient scgen_cd4t bbbc021_dose bbbc021_compound]
+    python experiments/run.py [--tasks kang_patient scgen_cd4t scgen_celltypes bbbc021_dose bbbc021_compound]
                               [--methods identity mean_shift gaussian_ot flow_matching neural_ot
                                          neural_ot:map=per_condition] [--seeds 0 1 2]
                               [--steps N] [--option key=value ...] [--data ../shared/data] [--out results.csv]
@@ -54,6 +56,7 @@ class Task:
     rep: str
     reference: ad.AnnData | None = None
     deg_key: str | None = None
+    fold: str = ""  # what a task made of several folds (one model each) holds out in this one
 
 
 def kang_patient(data: Path) -> Task:
@@ -72,9 +75,8 @@ def kang_patient(data: Path) -> Task:
     )
 
 
-def scgen_cd4t(data: Path) -> Task:
-    adata = cf.pp.pca(cf.datasets.read(data / "kang2018_scgen_valid_pbmc.h5ad"), 50, key_added="X_pca_cf")
-    train, test = cf.data.split_covariates(adata, {"cell_type": "CD4T"})
+def _scgen_fold(adata: ad.AnnData, cell_type: str) -> Task:
+    train, test = cf.data.split_covariates(adata, {"cell_type": cell_type})
     degs = cf.pp.top_degs(train, "condition", "control", n_genes=50)["stimulated"]
     return Task(
         train=train,
@@ -86,7 +88,21 @@ def scgen_cd4t(data: Path) -> Task:
         rep="X_pca_cf",
         reference=adata,
         deg_key="X",
+        fold=cell_type,
     )
+
+
+def _scgen_pbmc(data: Path) -> ad.AnnData:
+    return cf.pp.pca(cf.datasets.read(data / "kang2018_scgen_valid_pbmc.h5ad"), 50, key_added="X_pca_cf")
+
+
+def scgen_cd4t(data: Path) -> Task:
+    return _scgen_fold(_scgen_pbmc(data), "CD4T")
+
+
+def scgen_celltypes(data: Path) -> list[Task]:
+    adata = _scgen_pbmc(data)
+    return [_scgen_fold(adata, str(cell_type)) for cell_type in adata.obs.cell_type.cat.categories]
 
 
 def _bbbc021_profiles(data: Path) -> ad.AnnData:
@@ -139,9 +155,10 @@ def bbbc021_compound(data: Path) -> Task:
     )
 
 
-TASKS: dict[str, Callable[[Path], Task]] = {
+TASKS: dict[str, Callable[[Path], Task | list[Task]]] = {
     "kang_patient": kang_patient,
     "scgen_cd4t": scgen_cd4t,
+    "scgen_celltypes": scgen_celltypes,
     "bbbc021_dose": bbbc021_dose,
     "bbbc021_compound": bbbc021_compound,
 }
@@ -185,21 +202,23 @@ def run(tasks, methods, seeds, data: Path, options: dict | None = None, steps: i
     """
     rows = []
     for name in tasks:
-        task = TASKS[name](data)
-        for label in methods:
-            method, own = method_spec(label)
-            for seed in seeds:
-                start = time.perf_counter()
-                extra = {} if method in BASELINES else {**(options or {}), **own}
-                model = cf.ResponseModel(task.train, method=method, **task.model_args, **extra)
-                model.fit(steps=None if method in BASELINES else steps, seed=seed, progress=False)
-                fit_seconds = time.perf_counter() - start
-                for case in task.cases:
-                    pred = model.predict(case["source"], case["perturbation"], dose=case["dose"], seed=seed)
-                    rows.append({
-                        "task": name, "method": label, "seed": seed, "condition": case["perturbation"],
-                        "fit_seconds": fit_seconds, **score_case(task, pred, case),
-                    })
+        folds = TASKS[name](data)
+        for task in [folds] if isinstance(folds, Task) else folds:
+            for label in methods:
+                method, own = method_spec(label)
+                for seed in seeds:
+                    start = time.perf_counter()
+                    extra = {} if method in BASELINES else {**(options or {}), **own}
+                    model = cf.ResponseModel(task.train, method=method, **task.model_args, **extra)
+                    model.fit(steps=None if method in BASELINES else steps, seed=seed, progress=False)
+                    fit_seconds = time.perf_counter() - start
+                    for case in task.cases:
+                        pred = model.predict(case["source"], case["perturbation"], dose=case["dose"], seed=seed)
+                        rows.append({
+                            "task": name, "fold": task.fold, "method": label, "seed": seed,
+                            "condition": case["perturbation"], "fit_seconds": fit_seconds,
+                            **score_case(task, pred, case),
+                        })
     return pd.DataFrame(rows)
 
 
