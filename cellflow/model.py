@@ -233,7 +233,9 @@ class ResponseModel:
             if key in covariates:
                 columns.append([str(covariates[key])] * n)
             elif isinstance(source, ad.AnnData) and key in source.obs.columns:
-                columns.append(source.obs[key].astype(str).tolist())
+                column = source.obs[key]
+                # a missing value is an unknown covariate value, not the string 'nan'
+                columns.append([None if missing else str(v) for v, missing in zip(column, column.isna())])
             else:
                 columns.append([None] * n)
         self._warn_unseen_covariates(columns)
@@ -252,6 +254,14 @@ class ResponseModel:
                     stacklevel=4,
                 )
                 continue
+            n_missing = sum(v is None for v in column)
+            if n_missing:
+                warnings.warn(
+                    f"covariate {key!r} is missing for {n_missing} source cell(s), which are predicted as of an "
+                    f"unknown {key} (values seen in training: {format_choices(seen)}).",
+                    UserWarning,
+                    stacklevel=4,
+                )
             unseen = sorted({v for v in column if v is not None} - set(seen))
             if unseen:
                 warnings.warn(
@@ -282,10 +292,13 @@ class ResponseModel:
         perturbation
             A condition (``"A"``, ``"A+B"``), or a list of them, stacked in the output.
         dose
-            ``None``, a number, ``"1.0+0.5"``; or a list aligned with ``perturbation``.
+            Models with a ``dose_key`` only: a positive number (every member), ``"1.0+0.5"``
+            (aligned with the members as written), or a list aligned with ``perturbation``;
+            ``None`` is dose 1 for every member.
         covariates
-            ``{key: value}`` applied to every source cell; values may be unseen. Keys not given
-            are read per cell from ``source.obs`` when present, else treated as unknown.
+            ``{key: value}`` applied to every source cell (and written to the output's ``obs``);
+            values may be unseen. Keys not given are read per cell from ``source.obs`` when
+            present (a missing value there is an unknown value), else treated as unknown.
         seed
             Seed of the prediction's randomness (stochastic methods).
         time
@@ -298,14 +311,18 @@ class ResponseModel:
         -------
         AnnData with one predicted cell per source cell per condition (and per time), holding
         the prediction in the model's ``rep`` (``X``, the layer, or ``obsm``), ``obs`` copied from
-        the source with ``obs[perturbation_key]`` (and ``obs[dose_key]``, ``obs[time_key]``) set.
+        the source with ``obs[perturbation_key]`` (and ``obs[dose_key]`` written as the training
+        data wrote doses, ``obs[time_key]``, the ``covariates``) set. Cells are named
+        ``"{source name}-{condition}"``, with ``"@{dose}"`` added when a condition is predicted
+        at several doses.
+
+        Warns when ``source.obs[perturbation_key]`` holds treated cells (predictions start from
+        the source as if it were untreated) and about covariate values absent from training.
         """
         if not self.is_fitted:
             raise CellflowValueError("the model is not fitted; call model.fit() first.")
         x = self._source_array(source)
-        perturbations = [perturbation] if isinstance(perturbation, str) else list(perturbation)
-        if not perturbations:
-            raise CellflowValueError("perturbation must name at least one condition.")
+        perturbations = self._perturbation_labels(perturbation)
         if isinstance(dose, (list, tuple, np.ndarray, pd.Series)):
             doses = list(dose)
             if len(doses) != len(perturbations):
@@ -314,9 +331,21 @@ class ResponseModel:
                 )
         else:
             doses = [dose] * len(perturbations)
+        if self.spec_.dose_key is None and any(d is not None for d in doses):
+            raise CellflowValueError(
+                f"dose={dose!r} was given, but the model was built without a dose_key, so it cannot tell doses "
+                "apart; pass dose_key=<obs column of doses> to ResponseModel to model them."
+            )
         conditions = [
             parse_condition(p, d, control=self.control, dose_key=self.spec_.dose_key) for p, d in zip(perturbations, doses)
         ]
+        for condition, d in zip(conditions, doses):
+            if not all(np.isfinite(v) and v > 0 for v in condition.doses):
+                raise CellflowValueError(
+                    f"dose={d!r} for {condition.label!r}: doses must be positive and finite (no treatment is the "
+                    "control: the source cells themselves)."
+                )
+        self._warn_treated_source(source)
         for condition in conditions:
             for member in condition.members:
                 self.embeddings_.index(member)  # raises for unknown perturbations without embedding
@@ -339,7 +368,37 @@ class ResponseModel:
                 else:
                     y[:, rows] = self._method.predict_path(*args, group_key, self.spec_.clock(times))
             blocks.append(y)
-        return self._assemble(source, blocks, conditions, perturbations, times)
+        return self._assemble(source, blocks, conditions, perturbations, times, covariates)
+
+    @staticmethod
+    def _perturbation_labels(perturbation: Any) -> list[str]:
+        """``perturbation`` as a list of labels; scalars such as ``1`` (integer labels) become ``"1"``."""
+        if isinstance(perturbation, (list, tuple, np.ndarray, pd.Series, pd.Index)):
+            labels = list(perturbation)
+        else:
+            labels = [perturbation]
+        if not labels:
+            raise CellflowValueError("perturbation must name at least one condition.")
+        for label in labels:
+            if label is None or (isinstance(label, float) and np.isnan(label)):
+                raise CellflowValueError(f"perturbation={perturbation!r} must name conditions such as 'A' or 'A+B', not {label!r}.")
+        return [str(label) for label in labels]
+
+    def _warn_treated_source(self, source: Any) -> None:
+        """Predictions start from the source as if untreated: say so when ``source.obs`` says otherwise."""
+        if not isinstance(source, ad.AnnData) or self.perturbation_key not in source.obs.columns:
+            return
+        labels = source.obs[self.perturbation_key].astype(str).str.strip()
+        treated = labels[labels != self.control]
+        if len(treated):
+            warnings.warn(
+                f"{len(treated)} of {source.n_obs} source cells are not control cells (obs[{self.perturbation_key!r}] "
+                f"holds {format_choices(sorted(treated.unique())[:5])}); predictions start from the source cells as "
+                f"if they were untreated. Pass source[source.obs[{self.perturbation_key!r}] == {self.control!r}] to "
+                "start from the controls.",
+                UserWarning,
+                stacklevel=3,
+            )
 
     def _times(self, time) -> np.ndarray | None:
         """Validated increasing prediction times, or ``None`` for a model without ``time_key``."""
@@ -362,7 +421,7 @@ class ResponseModel:
             )
         return times
 
-    def _assemble(self, source, blocks, conditions, labels, times=None) -> ad.AnnData:
+    def _assemble(self, source, blocks, conditions, labels, times=None, covariates=None) -> ad.AnnData:
         n = blocks[0].shape[1]
         if isinstance(source, ad.AnnData):
             base_obs = source.obs.copy()
@@ -370,6 +429,11 @@ class ResponseModel:
         else:
             base_obs = pd.DataFrame(index=pd.RangeIndex(n).astype(str))
             names = base_obs.index
+        for key, value in (covariates or {}).items():  # the cells were predicted as of these values
+            base_obs[key] = str(value)
+        repeated = pd.Series([c.label for c in conditions]).duplicated(keep=False).to_numpy()
+        # the same condition at several doses: the dose tells the copies of a source cell apart
+        labels = [f"{label}@{self._dose_value(c)}" if again else label for label, c, again in zip(labels, conditions, repeated)]
         frames = []
         for condition, label in zip(conditions, labels):
             for t in [None] if times is None else times:
@@ -401,7 +465,11 @@ class ResponseModel:
         doses = set(condition.doses) or {0.0}
         if self.spec_.numeric_dose and len(doses) == 1:
             return float(doses.pop())
-        return condition.dose_label if not condition.is_control else format_dose(0.0)
+        if condition.is_control:
+            return format_dose(0.0)
+        if self.spec_.dose_format == "float":
+            return "+".join(repr(float(d)) for d in condition.doses)
+        return condition.dose_label
 
     def _var(self) -> pd.DataFrame:
         names = self.spec_.feature_names or tuple(str(i) for i in range(self.spec_.n_features))
@@ -419,13 +487,19 @@ class ResponseModel:
         path
             Target directory.
         overwrite
-            Replace an existing directory at ``path``.
+            Replace a model saved earlier at ``path`` (or an empty directory); any other file or
+            directory there is never replaced.
         """
         if not self.is_fitted:
             raise CellflowValueError("the model is not fitted; nothing to save.")
         path = Path(path)
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
+        if path.exists() and not (path.is_dir() and ((path / _CONFIG_FILE).exists() or not any(path.iterdir()))):
+            raise FileExistsError(
+                f"{path} exists and is not a saved cellflow model ({_CONFIG_FILE} missing), so overwrite=True does "
+                "not replace it; choose another path."
+            )
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
         try:

@@ -126,7 +126,10 @@ def test_mean_shift_unseen_combination_adds_members(toy):
     source = source_of(toy, "P2")
     pred = model.predict(source, "B+A", dose="10+1")  # B at 10, A at 1
     np.testing.assert_allclose((pred.X - source.X).mean(0), SHIFTS[("A", "P2")] + 2 * SHIFTS[("B", "P2")], atol=1e-5)
-    assert set(pred.obs["condition"]) == {"A+B"} and set(pred.obs["dose"]) == {"1+10"}
+    # doses are written as the training data wrote them ("1.0", "10.0"), aligned with the sorted members
+    assert set(pred.obs["condition"]) == {"A+B"} and set(pred.obs["dose"]) == {"1.0+10.0"}
+    with_combination = fit_toy(toy)  # its "1+1" is not in Python's float spelling
+    assert set(with_combination.predict(source, "B+A", dose="10+1").obs["dose"]) == {"1+10"}
 
 
 def test_gaussian_ot_combination_adds_displacements(toy):

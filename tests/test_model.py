@@ -95,3 +95,81 @@ def test_unseen_or_missing_covariates_warn_and_known_ones_do_not(toy):
         from_array = model.predict(np.asarray(source.X), "A", dose=1.0)
     # both are predicted as an unknown patient, i.e. the same way
     np.testing.assert_array_equal(typo.X, from_array.X)
+
+
+def test_overwrite_replaces_only_a_saved_model(toy, tmp_path):
+    model = cf.ResponseModel(toy, rep="X", method="mean_shift").fit()
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "figure1.pdf").write_text("precious")
+    with pytest.raises(FileExistsError, match="not a saved cellflow model"):
+        model.save(results, overwrite=True)
+    assert (results / "figure1.pdf").read_text() == "precious"
+    (tmp_path / "empty").mkdir()
+    model.save(tmp_path / "empty", overwrite=True)
+    assert cf.ResponseModel.load(tmp_path / "empty").method == "mean_shift"
+
+
+def test_predict_labels_doses_and_covariates_as_a_user_would_group_them():
+    adata, _ = cf.datasets.synthetic(n_features=4, n_control=30, n_cells=20, n_patients=2, n_drugs=2, combinations=[])
+    model = cf.ResponseModel(adata, rep="X", dose_key="dose", covariate_keys=("patient",), method="mean_shift").fit()
+    source = adata[(adata.obs.condition == "control").to_numpy() & (adata.obs.patient == "P1").to_numpy()]
+    pred = model.predict(source, ["A", "A", "B"], dose=[1.0, 10.0, 1.0], covariates={"patient": "P2"})
+    # doses written as synthetic() writes them ("1.0"), so predictions group with the observed cells
+    asked = {("A", "1.0"), ("A", "10.0"), ("B", "1.0")}
+    is_asked = [(c, d) in asked for c, d in zip(adata.obs.condition, adata.obs.dose)]
+    truth = adata[np.asarray(is_asked) & (adata.obs.patient == "P2").to_numpy()]
+    table = cf.metrics.evaluate(pred, truth, rep="X", groupby=["condition", "dose", "patient"], metrics=("energy_distance",))
+    assert sorted(map(tuple, table[["condition", "dose", "patient"]].to_numpy())) == [
+        ("A", "1.0", "P2"), ("A", "10.0", "P2"), ("B", "1.0", "P2"),
+    ]
+    # the same condition at two doses: the dose tells the copies of a source cell apart
+    first = source.obs_names[0]
+    assert pred.obs_names.is_unique and {f"{first}-A@1.0", f"{first}-A@10.0", f"{first}-B"} <= set(pred.obs_names)
+
+
+def test_predict_rejects_doses_it_cannot_use_and_accepts_non_string_labels(toy):
+    no_doses = cf.ResponseModel(toy, rep="X", method="mean_shift").fit()
+    source = toy[toy.obs.condition == "control"]
+    with pytest.raises(cf.CellflowValueError, match=r"dose=5.0 was given.*without a dose_key"):
+        no_doses.predict(source, "A", dose=5.0)
+    with_doses = cf.ResponseModel(toy, rep="X", dose_key="dose", method="mean_shift").fit()
+    for bad in (0.0, -1.0, "1+-1"):
+        with pytest.raises(cf.CellflowValueError, match="must be positive and finite"):
+            with_doses.predict(source, "A+B" if "+" in str(bad) else "A", dose=bad)
+    with pytest.raises(cf.CellflowValueError, match="must name conditions"):
+        no_doses.predict(source, None)
+
+    import anndata as ad
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    integer_labels = ad.AnnData(
+        rng.normal(size=(60, 3)).astype(np.float32),
+        obs=pd.DataFrame({"condition": [0] * 30 + [1] * 30}, index=[f"c{i}" for i in range(60)]),
+    )
+    model = cf.ResponseModel(integer_labels, rep="X", control=0, method="mean_shift").fit()
+    np.testing.assert_array_equal(model.predict(integer_labels[:5], 1).X, model.predict(integer_labels[:5], "1").X)
+
+
+def test_predict_warns_about_treated_source_cells_and_missing_covariates(toy):
+    model = cf.ResponseModel(toy, rep="X", covariate_keys=("patient",), method="mean_shift").fit()
+    mixed = ad.concat([toy[toy.obs.condition == "control"][:40], toy[toy.obs.condition == "A"][:40]])
+    with pytest.warns(UserWarning, match=r"40 of 80 source cells are not control cells.*'A'"):
+        model.predict(mixed, "B")
+    source = toy[toy.obs.condition == "control"].copy()
+    source.obs["patient"] = source.obs["patient"].astype(object)
+    source.obs.iloc[:3, source.obs.columns.get_loc("patient")] = np.nan
+    with pytest.warns(UserWarning, match=r"covariate 'patient' is missing for 3 source cell"):
+        pred = model.predict(source, "B")
+    with pytest.warns(UserWarning, match="did not occur in the training data"):
+        expected = model.predict(source[:3], "B", covariates={"patient": "P9"}).X  # unknown, not a patient named 'nan'
+    np.testing.assert_allclose(pred.X[:3], expected, atol=1e-6)
+
+
+def test_a_control_label_differing_only_in_case_warns(toy):
+    adata = toy.copy()
+    adata.obs["condition"] = adata.obs["condition"].astype(str)
+    adata.obs.iloc[:5, adata.obs.columns.get_loc("condition")] = "Control"
+    with pytest.warns(UserWarning, match=r"'Control'.*differ from control='control' only in case"):
+        cf.ResponseModel(adata, rep="X", method="mean_shift")

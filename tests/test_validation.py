@@ -64,6 +64,17 @@ def test_dose_not_aligned_with_members(adata):
         make(adata, dose_key="dose")
 
 
+def test_treated_cell_without_a_dose(adata):
+    adata.obs["dose"] = adata.obs["dose"].astype(object)
+    controls = np.flatnonzero(adata.obs["condition"] == "control")
+    adata.obs.iloc[controls, adata.obs.columns.get_loc("dose")] = None  # controls may lack a dose
+    make(adata, dose_key="dose")
+    treated = adata.obs_names[adata.obs["condition"] != "control"][4]
+    adata.obs.loc[treated, "dose"] = np.nan
+    with pytest.raises(cf.CellflowValueError, match=rf"dose_key='dose': 1 treated cell.*missing dose.*{treated}"):
+        make(adata, dose_key="dose")
+
+
 def test_missing_perturbation_label(adata):
     adata.obs["condition"] = adata.obs["condition"].astype(object)
     adata.obs.iloc[0, 0] = None

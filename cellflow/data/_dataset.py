@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from cellflow._errors import CellflowKeyError, CellflowValueError, format_choices
-from cellflow.data._conditions import Condition, parse_condition
+from cellflow.data._conditions import COMBINATION_SEPARATOR, Condition, parse_condition
 from cellflow.data._representation import get_representation
 
 __all__ = ["ALL_CONTROLS", "TIME_COLUMN", "DataSpec", "ObsConditions", "PerturbationData", "check_obs_column", "parse_obs_conditions", "prepare"]
@@ -78,6 +78,10 @@ class DataSpec:
         is the pool of all controls (covariate values ``ALL_CONTROLS``).
     numeric_dose
         Whether the dose column was numeric (predictions then report numeric doses).
+    dose_format
+        How a text dose column writes numbers: ``"float"`` when every treated cell's dose reads
+        as Python floats (``"1.0"``, ``"1.0+0.5"``), else ``"short"`` (``"1"``, ``"1+0.5"``);
+        predictions write doses the same way, so they group with the observed cells.
     time_key
         The ``obs`` column of measurement times, or ``None``. With it every group is one snapshot
         (``groups["time"]``) and the process's clock runs from the controls' time to the last one.
@@ -100,6 +104,7 @@ class DataSpec:
     numeric_dose: bool = False
     time_key: str | None = None
     time_range: tuple[float, float] | None = None
+    dose_format: str = "short"
 
     def clock(self, time: float | np.ndarray) -> np.ndarray:
         """Times in ``time_key`` units -> the process's clock in ``[0, 1]`` (0 = the controls)."""
@@ -134,6 +139,7 @@ class DataSpec:
             "groups": self.groups.to_dict(orient="list"),
             "pools": self.pools.to_dict(orient="list"),
             "numeric_dose": self.numeric_dose,
+            "dose_format": self.dose_format,
             "time_key": self.time_key,
             "time_range": None if self.time_range is None else list(self.time_range),
         }
@@ -156,6 +162,7 @@ class DataSpec:
             groups=pd.DataFrame(p["groups"]),
             pools=pd.DataFrame(p["pools"]),
             numeric_dose=bool(p.get("numeric_dose", False)),
+            dose_format=p.get("dose_format", "short"),
             time_key=p.get("time_key"),
             time_range=None if p.get("time_range") is None else tuple(map(float, p["time_range"])),
         )
@@ -338,6 +345,7 @@ def prepare(
         numeric_dose=dose_key is not None and pd.api.types.is_numeric_dtype(adata.obs[dose_key]),
         time_key=time_key,
         time_range=time_range,
+        dose_format=_dose_format(adata.obs[dose_key][~conditions.is_control]) if dose_key is not None else "short",
     )
     partners = None
     if pair_key is not None:
@@ -382,11 +390,41 @@ def parse_obs_conditions(adata: ad.AnnData, perturbation_key: str, control: str,
             f"control={control!r} does not occur in adata.obs[{perturbation_key!r}]; values present: "
             f"{format_choices(sorted(set(labels)))}."
         )
+    look_alikes = sorted(v for v in set(labels) if v.strip() != control and v.strip().lower() == control.lower())
+    if look_alikes:
+        warnings.warn(
+            f"adata.obs[{perturbation_key!r}] holds {format_choices(look_alikes)}, which differ from control={control!r} "
+            "only in case, so they are treated as a perturbation; rename them if they are control cells.",
+            UserWarning,
+            stacklevel=3,
+        )
     doses = adata.obs[dose_key].to_numpy() if dose_key is not None else np.full(adata.n_obs, None, dtype=object)
     # Parse each distinct (label, dose) pair once: tables have millions of cells but few conditions.
     codes, first = _factorize_pairs(labels, doses)
     unique = [parse_condition(labels[i], doses[i], control=control, dose_key=dose_key) for i in first]
-    return ObsConditions(unique, codes)
+    conditions = ObsConditions(unique, codes)
+    if dose_key is not None:
+        # a treated cell without a dose would silently join (or invent) the default-dose group
+        undosed = adata.obs[dose_key].isna().to_numpy() & ~conditions.is_control
+        if undosed.any():
+            raise CellflowValueError(
+                f"dose_key={dose_key!r}: {int(undosed.sum())} treated cell(s) have a missing dose (first: "
+                f"{adata.obs_names[undosed][:3].tolist()}); fill or drop them (control cells may have none)."
+            )
+    return conditions
+
+
+def _dose_format(doses: pd.Series) -> str:
+    """``"float"`` if every distinct dose text reads as Python floats (``"1.0+0.5"``), else ``"short"``."""
+    if pd.api.types.is_numeric_dtype(doses):
+        return "short"
+    for text in pd.unique(doses.dropna().astype(str)):
+        try:
+            if any(part.strip() != repr(float(part)) for part in text.split(COMBINATION_SEPARATOR)):
+                return "short"
+        except ValueError:
+            return "short"
+    return "float"
 
 
 def _factorize_pairs(labels: np.ndarray, doses: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
