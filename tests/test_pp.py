@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -453,3 +455,101 @@ def test_standardize_to_control_hand_computed():
     np.testing.assert_array_equal(adata.X, before)
     with pytest.raises(CellflowValueError, match=r"control='ctrl'.*'DMSO'"):
         pp.standardize_to_control(adata, "drug", "ctrl")
+
+
+def test_standardize_to_control_obsm_rep_names_features_after_the_rep(low_rank_adata):
+    adata = pp.pca(low_rank_adata, 4)
+    out = pp.standardize_to_control(adata, "condition", "ctrl", rep="X_pca")
+    assert list(out.var_names) == ["X_pca_0", "X_pca_1", "X_pca_2", "X_pca_3"]  # not the genes g0..g3
+    ctrl = (adata.obs["condition"] == "ctrl").to_numpy()
+    z = adata.obsm["X_pca"]
+    expected = (z - z[ctrl].mean(axis=0)) / z[ctrl].std(axis=0)
+    np.testing.assert_allclose(out.X, expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(out.var["control_mean"], z[ctrl].mean(axis=0), rtol=1e-5, atol=1e-6)
+    # fewer columns than var: used to raise a raw IndexError
+    adata.obsm["two"] = z[:, :2]
+    assert list(pp.standardize_to_control(adata, "condition", "ctrl", rep="two").var_names) == ["two_0", "two_1"]
+    adata.layers["same"] = adata.X.copy()
+    assert list(pp.standardize_to_control(adata, "condition", "ctrl", rep="same").var_names) == list(adata.var_names)
+
+
+# ------------------------------------------------------------------------------------------
+# labels compared as strings, counts checks
+# ------------------------------------------------------------------------------------------
+def test_top_degs_compares_control_and_groups_as_strings(deg_adata):
+    adata = deg_adata.copy()
+    codes = {"ctrl": "101", "up": "107", "down": "110"}
+    adata.obs["patient"] = pd.Categorical(adata.obs["condition"].map(codes).astype(str))
+    by_string = pp.top_degs(adata, "patient", "101", n_genes=5)
+    by_number = pp.top_degs(adata, "patient", 101, n_genes=5)  # raised "control=101 does not occur"
+    assert by_number == by_string and set(by_number) == {"107", "110"}
+    assert set(by_number["107"]) == {f"g{j}" for j in range(5)}
+    assert pp.top_degs(adata, "patient", 101, n_genes=5, groups=[107]) == {"107": by_string["107"]}
+    with pytest.raises(CellflowValueError, match="control value 101"):
+        pp.top_degs(adata, "patient", 101, groups=["107", "101"])
+    # and the other way round: an integer column, labels given as strings
+    adata.obs["patient_int"] = adata.obs["patient"].astype(int)
+    assert pp.top_degs(adata, "patient_int", "101", n_genes=5) == by_string
+    with pytest.raises(CellflowKeyError, match=r"control=102 .*'101'"):
+        pp.top_degs(adata, "patient_int", 102)
+
+
+def test_top_degs_values_equal_as_strings_are_an_error(deg_adata):
+    adata = deg_adata.copy()
+    values = np.array([1, "1", "ctrl"], dtype=object)
+    adata.obs["mixed"] = values[np.arange(adata.n_obs) % 3]
+    with pytest.raises(CellflowValueError, match="equal as strings"):
+        pp.top_degs(adata, "mixed", "ctrl")
+
+
+def test_log_normalize_warns_on_input_that_is_not_counts(rng):
+    counts = rng.poisson(3.0, size=(60, 20)).astype(np.float32) + 1
+    logged = np.log1p(counts / counts.sum(axis=1, keepdims=True) * 1e4)
+    adata = ad.AnnData(X=sp.csr_matrix(logged), layers={"counts": counts})
+    with pytest.warns(UserWarning, match=r"layer='X' does not look like raw counts.*non-integer"):
+        pp.log_normalize(adata)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pp.log_normalize(adata, layer="counts")  # counts: silent
+    from cellflow.pp._expression import _counts_check
+
+    assert _counts_check(sp.csr_matrix((5, 4), dtype=np.float32))[0] is None  # nothing to judge: no warning
+
+
+def test_pca_warns_on_raw_counts(rng):
+    counts = rng.poisson(2.0, size=(100, 30)).astype(np.float32)
+    adata = ad.AnnData(X=sp.csr_matrix(counts))
+    with pytest.warns(UserWarning, match="raw counts.*library size.*log_normalize") as record:
+        pp.pca(adata, 3)
+    assert len(record) == 1
+    logged = pp.log_normalize(adata)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pp.pca(logged, 3, rep="logcounts")
+
+
+def test_counts_check_samples_rows_of_large_matrices():
+    from cellflow.pp._expression import _COUNT_CHECK_ROWS, _sampled_values
+
+    n_rows = 50 * _COUNT_CHECK_ROWS
+    matrix = sp.random(n_rows, 20, density=0.1, format="csr", random_state=0, dtype=np.float32)
+    sample = _sampled_values(matrix)
+    assert 0 < sample.size <= _COUNT_CHECK_ROWS * 20 and sample.size < matrix.nnz / 10
+    assert _sampled_values(np.ones((n_rows, 3))).size == _COUNT_CHECK_ROWS * 3
+    # evenly spaced: the first and the last rows are both looked at
+    tail = sp.lil_matrix((n_rows, 2), dtype=np.float32)
+    tail[n_rows - 1, 0] = 0.5
+    assert 0.5 in _sampled_values(sp.csr_matrix(tail))
+
+
+@pytest.mark.filterwarnings("ignore::anndata.OldFormatWarning", "ignore:Moving element:FutureWarning")
+def test_counts_warnings_on_the_real_files(muscat):
+    with pytest.warns(UserWarning, match="rep='X' looks like raw counts"):
+        pp.pca(muscat, 5)  # X holds counts
+    scgen = ad.read_h5ad(shared_file(SCGEN))
+    with pytest.warns(UserWarning, match="layer='X' does not look like raw counts"):
+        pp.log_normalize(scgen)  # X holds log1p values
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pp.pca(muscat, 5, rep="logcounts")  # the README's flows stay silent
+        pp.pca(scgen, 5)

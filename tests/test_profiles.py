@@ -323,3 +323,77 @@ def test_bbbc021_moa_retrieval_beats_shuffled():
     assert observed > raw + 0.1, (observed, raw)
     activity = cf.metrics.phenotypic_activity(normalised, "compound", "DMSO", group_key=["compound", "concentration"], null_size=200)
     assert activity.significant.mean() > 0.5
+
+
+# --------------------------------------------------------------------------------------------
+# any rep: X, a layer or an obsm entry; X of the result, var naming the columns that were read
+# --------------------------------------------------------------------------------------------
+def _plates_with_embedding(n_columns: int) -> tuple[ad.AnnData, np.ndarray]:
+    adata = _plates()
+    rng = np.random.default_rng(3)
+    embedding = rng.normal(size=(adata.n_obs, n_columns))
+    embedding[:, 1] = 4.0  # constant: dropped by every function that drops features
+    adata.obsm["emb"] = embedding
+    adata.layers["copy"] = adata.X.copy()
+    return adata, embedding
+
+
+@pytest.mark.parametrize("n_columns", [2, 3, 5])  # fewer, as many and more columns than var
+def test_normalize_plates_obsm_rep_names_features_after_the_rep(n_columns):
+    adata, embedding = _plates_with_embedding(n_columns)
+    out = cf.pp.normalize_plates(adata, method="z", rep="emb", scale_floor=0.0)
+    alone = cf.pp.normalize_plates(
+        ad.AnnData(X=embedding.astype(np.float32), obs=adata.obs.copy()), method="z", scale_floor=0.0
+    )
+    np.testing.assert_allclose(out.X, alone.X, rtol=1e-5, atol=1e-6)  # alone's input was rounded to float32
+    kept = [j for j in range(n_columns) if j != 1]
+    assert list(out.var_names) == [f"emb_{j}" for j in kept]  # not the genes 'a', 'b', 'const'
+    assert out.uns["normalize_plates"]["dropped_features"] == ["emb_1"]
+    assert out.uns["normalize_plates"]["rep"] == "emb"
+    # a layer is described by var, like X
+    layer = cf.pp.normalize_plates(adata, method="z", rep="copy", scale_floor=0.0)
+    assert list(layer.var_names) == ["a", "b"]
+    np.testing.assert_allclose(layer.X, cf.pp.normalize_plates(adata, method="z", scale_floor=0.0).X)
+
+
+def test_obsm_dataframe_rep_keeps_its_column_names():
+    adata, embedding = _plates_with_embedding(3)
+    adata.obsm["emb"] = pd.DataFrame(embedding, index=adata.obs_names, columns=["area", "flat", "texture"])
+    out = cf.pp.normalize_plates(adata, method="z", rep="emb")
+    assert list(out.var_names) == ["area", "texture"]
+    assert out.uns["normalize_plates"]["dropped_features"] == ["flat"]
+    assert list(cf.pp.aggregate(adata, by="compound", rep="emb").var_names) == ["area", "flat", "texture"]
+
+
+def test_select_features_obsm_rep_names_features_after_the_rep():
+    adata, embedding = _plates_with_embedding(2)
+    out = cf.pp.select_features(adata, rep="emb", corr_threshold=None)
+    assert list(out.var_names) == ["emb_0"]
+    assert out.uns["select_features"] == {"rep": "emb", "dropped": {"emb_1": "near_constant"}}
+    np.testing.assert_allclose(out.X[:, 0], embedding[:, 0].astype(np.float32))
+    three, _ = _plates_with_embedding(3)  # as many columns as var: must not borrow the gene names
+    assert list(cf.pp.select_features(three, rep="emb", corr_threshold=None).var_names) == ["emb_0", "emb_2"]
+
+
+def test_aggregate_obsm_rep_names_features_after_the_rep():
+    adata, embedding = _plates_with_embedding(3)
+    out = cf.pp.aggregate(adata, by="compound", rep="emb", method="mean")
+    assert list(out.var_names) == ["emb_0", "emb_1", "emb_2"]
+    np.testing.assert_allclose(out.X[0], embedding[[0, 1, 2, 4, 5, 6]].mean(axis=0), rtol=1e-6)
+    assert list(cf.pp.aggregate(adata, by="compound", rep="copy").var_names) == ["a", "b", "const"]
+    # an obsm key that is also a layer name is read from obsm (as everywhere), and named so
+    adata.layers["emb"] = adata.X.copy()
+    assert list(cf.pp.aggregate(adata, by="compound", rep="emb").var_names) == ["emb_0", "emb_1", "emb_2"]
+
+
+def test_bbbc021_normalize_plates_and_select_features_on_an_obsm_entry():
+    wells = cf.datasets.read(shared_file("bbbc021_per_well_mean_cytominergallery.h5ad"))
+    wells.obsm["feat"] = wells.X[:, :20].copy()
+    kwargs = dict(plate_key="plate", control="DMSO", perturbation_key="compound")
+    out = cf.pp.normalize_plates(wells, rep="feat", **kwargs)
+    reference = cf.pp.normalize_plates(wells[:, :20].copy(), **kwargs)
+    np.testing.assert_allclose(out.X, reference.X, rtol=1e-5, atol=1e-5)
+    assert out.var_names[0] == "feat_0" and not set(out.var_names) & set(wells.var_names)
+    wells.obsm["feat"] = out.X
+    selected = cf.pp.select_features(wells, rep="feat")
+    assert set(selected.var_names) <= {f"feat_{j}" for j in range(out.n_vars)}

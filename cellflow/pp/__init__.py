@@ -8,6 +8,12 @@
   :func:`aggregate` (cells to wells, wells to treatments).
 * Images (:mod:`cellflow.pp._images`): :func:`embed_images` runs a JAX/flax encoder in
   jitted batches.
+
+The feature-wise functions (:func:`normalize_plates`, :func:`select_features`,
+:func:`aggregate`, :func:`standardize_to_control`) read ``rep`` (``"X"``, a layer or an ``obsm``
+key) and always write their result to ``X`` of the returned AnnData. Its ``var`` names the
+columns that were read: the genes of ``var`` for ``X`` or a layer; for an ``obsm`` key, the
+entry's column names if it is a DataFrame, else ``f"{rep}_{j}"`` (``"X_pca_0"``, ...).
 """
 
 from cellflow.pp._expression import (

@@ -23,12 +23,15 @@ import scipy.sparse as sp
 
 from cellflow._errors import CellflowKeyError, CellflowValueError, format_choices
 from cellflow.data._representation import get_representation
+from cellflow.pp._features import feature_table
 
 __all__ = ["log_normalize", "pca", "decode", "decode_adata", "top_degs", "standardize_to_control"]
 
 _DEG_METHODS = ("wilcoxon", "t-test", "t-test_overestim_var")
 _CONTROL = "__cellflow_control__"  # internal label of control cells in top_degs
 _HVG_FLAVORS = ("seurat", "cell_ranger", "seurat_v3", "seurat_v3_paper")
+# the counts checks look at this many rows (evenly spaced) of a larger matrix: O(rows) work
+_COUNT_CHECK_ROWS = 1000
 
 
 # --------------------------------------------------------------------------------------------
@@ -69,9 +72,52 @@ def _check_finite_matrix(matrix: Any, argname: str, rep: str) -> None:
         raise CellflowValueError(f"{argname}={rep!r} holds NaN or inf values; remove or impute them first.")
 
 
+def _sampled_values(matrix: Any, max_rows: int = _COUNT_CHECK_ROWS) -> np.ndarray:
+    """The stored values of at most ``max_rows`` evenly spaced rows of ``matrix``.
+
+    Evenly spaced rather than the first rows, so that a file sorted by condition or sample is
+    seen in every part; deterministic, so a warning does not come and go between runs.
+    """
+    n_rows = matrix.shape[0]
+    if n_rows > max_rows:
+        rows = np.linspace(0, n_rows - 1, max_rows).round().astype(np.int64)
+        if sp.issparse(matrix) and matrix.format not in ("csr", "csc"):
+            matrix = sp.csr_matrix(matrix)
+        matrix = matrix[rows]
+    elif hasattr(matrix, "to_numpy"):
+        matrix = matrix.to_numpy()
+    return _values(matrix).ravel()
+
+
+def _counts_check(matrix: Any) -> tuple[bool | None, str]:
+    """Do (a sample of rows of) ``matrix`` look like raw counts, i.e. non-negative integers?
+
+    Returns ``(verdict, evidence)``: ``None`` when the sample holds no non-zero value (nothing to
+    judge), else ``True`` / ``False`` and a short description for a warning message.
+    """
+    values = _sampled_values(matrix)
+    nonzero = values[values != 0]
+    if nonzero.size == 0:
+        return None, "no non-zero values"
+    if np.issubdtype(nonzero.dtype, np.integer):
+        if nonzero.min() >= 0:
+            return True, f"integer values, max {nonzero.max()}"
+        return False, f"negative values (min {nonzero.min()})"
+    fractional = nonzero != np.round(nonzero)
+    if fractional.any():
+        example = nonzero[np.flatnonzero(fractional)[0]]
+        return False, (
+            f"{fractional.mean():.0%} of the sampled non-zero values are non-integer, e.g. {example:.4g}; "
+            f"max {nonzero.max():.4g}"
+        )
+    if nonzero.min() < 0:
+        return False, f"negative values (min {nonzero.min():.4g})"
+    return True, f"non-negative integer values, max {nonzero.max():.4g}"
+
+
 def _looks_like_counts(matrix: Any) -> bool:
-    values = _values(matrix)
-    return values.size > 0 and bool(np.all(values >= 0)) and bool(np.all(values == np.round(values)))
+    """Whether a row sample of ``matrix`` holds non-negative integers only (and some non-zero)."""
+    return _counts_check(matrix)[0] is True
 
 
 def _check_positive_int(value: Any, argname: str) -> int:
@@ -117,6 +163,15 @@ def log_normalize(
     -------
     A new :class:`~anndata.AnnData` with ``layers[key_added]`` if ``copy=True``, else ``None``.
     Sparse input gives a sparse (CSR) layer; integer counts give float32 values.
+
+    Warns
+    -----
+    UserWarning
+        The input does not look like raw counts: some values are not integers (checked on up to
+        1,000 evenly spaced rows), as in data that is already normalised or log-transformed.
+        Normalising and logging it again distorts it silently; pass the layer holding the raw
+        counts instead. Counts corrected to non-integer values (e.g. for ambient RNA) warn
+        too; normalising those is intended, and the warning can be ignored.
     """
     matrix = _gene_matrix(adata, layer, "layer")
     if not isinstance(key_added, str) or not key_added:
@@ -130,6 +185,15 @@ def log_normalize(
         raise CellflowValueError(
             f"layer={source!r} holds negative values (min {values.min():.4g}); log_normalize expects "
             "non-negative counts. Is it already normalised?"
+        )
+    verdict, evidence = _counts_check(matrix)
+    if verdict is False:
+        warnings.warn(
+            f"layer={source!r} does not look like raw counts ({evidence}): it may already be normalised or "
+            "log-transformed, and log_normalize would normalise and log it again. Pass the layer holding the raw "
+            f"counts (layer=...), or skip log_normalize if {source!r} is already log-normalised.",
+            UserWarning,
+            stacklevel=2,
         )
 
     work = ad.AnnData(X=_float_copy(matrix))
@@ -178,8 +242,8 @@ def pca(
         :func:`scanpy.pp.highly_variable_genes` and run PCA on them only.
     hvg_flavor
         ``flavor`` of :func:`scanpy.pp.highly_variable_genes`. ``"seurat"`` and
-        ``"cell_ranger"`` expect log-normalised values (a warning is raised if ``rep`` looks
-        like raw counts); ``"seurat_v3"`` expects counts and needs ``scikit-misc``.
+        ``"cell_ranger"`` expect log-normalised values; ``"seurat_v3"`` expects counts and
+        needs ``scikit-misc`` (the PCA itself still runs on ``rep``).
     svd_solver
         Passed to :func:`scanpy.pp.pca`. ``None`` uses scanpy's default, or
         ``"covariance_eigh"`` when ``n_comps`` equals ``min(n_obs, n_genes)`` (which ARPACK
@@ -205,12 +269,31 @@ def pca(
         of ``adata.var_names``).
 
     Float64 input is decomposed in float64; anything else in float32.
+
+    Warns
+    -----
+    UserWarning
+        ``rep`` looks like raw counts (non-negative integers, checked on up to 1,000 evenly
+        spaced rows): the leading components of raw counts mostly follow each cell's library
+        size and a few highly expressed genes. Run :func:`log_normalize` first and pass
+        ``rep="logcounts"``.
     """
     n_comps = _check_positive_int(n_comps, "n_comps")
     if not isinstance(key_added, str) or not key_added:
         raise CellflowValueError(f"key_added must be a non-empty string, got {key_added!r}.")
     matrix = _gene_matrix(adata, rep)
     _check_finite_matrix(matrix, "rep", rep)
+    if _looks_like_counts(matrix):
+        hvg_note = ""
+        if n_top_genes is not None and hvg_flavor in ("seurat", "cell_ranger"):
+            hvg_note = f" hvg_flavor={hvg_flavor!r} also expects log-normalised data."
+        warnings.warn(
+            f"rep={rep!r} looks like raw counts (non-negative integers): PCA of raw counts is dominated by "
+            "library size and a few highly expressed genes. Run cellflow.pp.log_normalize first and pass "
+            f"rep='logcounts'.{hvg_note}",
+            UserWarning,
+            stacklevel=2,
+        )
     matrix = _float_copy(matrix)
     var_names = np.asarray(adata.var_names, dtype=object)
 
@@ -221,13 +304,6 @@ def pca(
             raise CellflowValueError(f"n_top_genes={n_top_genes} exceeds the number of genes ({adata.n_vars}).")
         if hvg_flavor not in _HVG_FLAVORS:
             raise CellflowKeyError(f"hvg_flavor={hvg_flavor!r} is unknown; valid choices: {format_choices(_HVG_FLAVORS)}.")
-        if hvg_flavor in ("seurat", "cell_ranger") and _looks_like_counts(matrix):
-            warnings.warn(
-                f"rep={rep!r} looks like raw counts, but hvg_flavor={hvg_flavor!r} expects log-normalised "
-                "data; run cellflow.pp.log_normalize and pass rep='logcounts', or use hvg_flavor='seurat_v3'.",
-                UserWarning,
-                stacklevel=2,
-            )
         work = ad.AnnData(X=matrix, var=pd.DataFrame(index=pd.Index(var_names.astype(str))))
         sc.pp.highly_variable_genes(work, n_top_genes=n_top_genes, flavor=hvg_flavor)
         hvg_mask = work.var["highly_variable"].to_numpy(dtype=bool)
@@ -444,14 +520,15 @@ def top_degs(
     perturbation_key
         Column of ``adata.obs`` holding the perturbation of each cell.
     control
-        Value of ``perturbation_key`` marking control cells.
+        Value of ``perturbation_key`` marking control cells. Labels are compared as strings
+        (as everywhere in cellflow), so ``101`` and ``"101"`` mean the same value.
     n_genes
         Number of genes returned per perturbation; capped at ``adata.n_vars``.
     rep
         ``"X"`` or a layer name.
     groups
-        A perturbation value or a list of them; ``None`` uses every value present other than
-        ``control``.
+        A perturbation value or a list of them (compared as strings, like ``control``); ``None``
+        uses every value present other than ``control``.
     method
         Test of :func:`scanpy.tl.rank_genes_groups`: ``"wilcoxon"``, ``"t-test"`` or
         ``"t-test_overestim_var"`` (``"logreg"`` has no control reference and is not offered).
@@ -487,36 +564,51 @@ def top_degs(
     matrix = _gene_matrix(adata, rep)
 
     column = adata.obs[perturbation_key]
-    present = list(pd.unique(column.dropna()))
-    is_control = (column == control).to_numpy(dtype=bool)
+    # labels are compared as strings, like everywhere else in cellflow (ResponseModel, splits,
+    # standardize_to_control): control=101 finds the cells labelled "101" and vice versa
+    labels_all = np.where(column.notna().to_numpy(), column.astype(str).to_numpy(dtype=object), None)
+    present_raw = list(pd.unique(column.dropna()))
+    present = list(dict.fromkeys(str(v) for v in present_raw))
+    control_label = str(control)
+    is_control = labels_all == control_label
     if not is_control.any():
         raise CellflowKeyError(
             f"control={control!r} does not occur in adata.obs[{perturbation_key!r}]; values present: "
             f"{format_choices(present)}."
         )
     if groups is None:
-        chosen = [v for v in present if not (v == control)]
+        names = [v for v in present if v != control_label]
         if isinstance(column.dtype, pd.CategoricalDtype):  # keep the category order
-            chosen = [v for v in column.cat.categories if v in set(chosen)]
+            kept = set(names)
+            names = [str(c) for c in column.cat.categories if str(c) in kept]
     else:
-        chosen = _as_list(groups)
-        missing = [g for g in chosen if not (column == g).any()]
+        requested = _as_list(groups)
+        present_set = set(present)
+        missing = [g for g in requested if str(g) not in present_set]
         if missing:
             raise CellflowKeyError(
                 f"groups {format_choices(missing)} do not occur in adata.obs[{perturbation_key!r}]; values present: "
                 f"{format_choices(present)}."
             )
-        if any(g == control for g in chosen):
+        if any(str(g) == control_label for g in requested):
             raise CellflowValueError(f"groups must not include the control value {control!r}.")
-    if not chosen:
+        names = list(dict.fromkeys(str(g) for g in requested))
+    if not names:
         raise CellflowValueError(
             f"adata.obs[{perturbation_key!r}] holds no perturbed cells besides control={control!r}."
         )
-    names = [str(g) for g in chosen]
-    if len(set(names)) < len(names) or _CONTROL in names:
-        # labels are strings internally; keep them unique
-        raise CellflowValueError(f"perturbation values {format_choices(chosen)} are not unique as strings.")
-    group_masks = {name: (column == g).to_numpy(dtype=bool) for name, g in zip(names, chosen, strict=True)}
+    if len(present) < len(present_raw):
+        # distinct values that print alike (1 and "1" in an object column) would be merged
+        printed = pd.Series([str(v) for v in present_raw]).value_counts()
+        clashes = sorted(printed.index[printed > 1])
+        if set(clashes) & {control_label, *names}:
+            raise CellflowValueError(
+                f"adata.obs[{perturbation_key!r}] holds distinct values that are equal as strings: "
+                f"{format_choices(clashes)}; labels are compared as strings, so make them distinct."
+            )
+    if _CONTROL in names:
+        raise CellflowValueError(f"perturbation value {_CONTROL!r} is reserved by top_degs; rename it.")
+    group_masks = {name: labels_all == name for name in names}
 
     var_names = pd.Index(adata.var_names.astype(str))
     if covariates:
@@ -597,15 +689,17 @@ def standardize_to_control(
     control
         Value of ``perturbation_key`` for control cells.
     rep
-        ``"X"`` or a layer to scale.
+        ``"X"``, a layer or an ``obsm`` key (e.g. ``"X_pca"``) to scale.
     min_std
         Features whose control standard deviation is at most this are dropped.
 
     Returns
     -------
-    A new AnnData with the scaled features in ``X`` (float32) and the kept features only; the
-    control means and standard deviations are stored in ``var["control_mean"]`` and
-    ``var["control_std"]``.
+    A new AnnData with the scaled features in ``X`` (float32) whatever ``rep`` was, and the kept
+    features only. Its ``var`` has a row per kept feature: the input's ``var`` rows for ``X`` or
+    a layer; for an ``obsm`` key, the entry's column names (DataFrame) or ``f"{rep}_{j}"``, ``j``
+    the column in ``obsm[rep]`` (``"X_pca_0"``, ...). The control means and standard deviations
+    are stored in ``var["control_mean"]`` and ``var["control_std"]``.
     """
     if perturbation_key not in adata.obs.columns:
         raise CellflowKeyError(
@@ -619,10 +713,11 @@ def standardize_to_control(
             f"are needed. Values present: {format_choices(sorted(adata.obs[perturbation_key].astype(str).unique()))}."
         )
     values = get_representation(adata, rep, dtype=np.float64)
+    features = feature_table(adata, rep)
     mean = values[is_control].mean(axis=0)
     std = values[is_control].std(axis=0)
     keep = std > min_std
     scaled = ((values[:, keep] - mean[keep]) / std[keep]).astype(np.float32)
-    var = adata.var.iloc[np.flatnonzero(keep)].copy()
+    var = features.iloc[np.flatnonzero(keep)].copy()
     var["control_mean"], var["control_std"] = mean[keep], std[keep]
     return ad.AnnData(X=scaled, obs=adata.obs.copy(), var=var)

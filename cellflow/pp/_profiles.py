@@ -12,7 +12,12 @@ The field's answer, followed here:
    (highly correlated with a feature already kept).
 3. :func:`aggregate`: cells to wells, wells to treatments (median or mean).
 
-Every function returns a new AnnData and records what it did in ``uns``.
+Every function returns a new AnnData and records what it did in ``uns``. Each reads ``rep``
+(``"X"``, a layer or an ``obsm`` key) and writes its result to ``X`` of the returned AnnData, so
+the steps chain with the default ``rep="X"``. The returned ``var`` describes the columns that
+were read: the input's ``var`` rows for ``X`` or a layer; for an ``obsm`` key (e.g. image-encoder
+embeddings), the entry's column names if it is a DataFrame, else ``f"{rep}_{j}"`` for its column
+``j`` (see :func:`cellflow.pp._features.feature_table`).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import pandas as pd
 from cellflow._errors import CellflowValueError, format_choices
 from cellflow.data._dataset import check_obs_column
 from cellflow.data._representation import get_representation
+from cellflow.pp._features import feature_table
 
 __all__ = ["NORMALIZATION_METHODS", "normalize_plates", "select_features", "aggregate"]
 
@@ -126,9 +132,12 @@ def normalize_plates(
     Returns
     -------
     anndata.AnnData
-        ``X`` the normalised profiles (float32), the input's ``obs``, ``var`` restricted to the
-        kept features. Features constant over all control rows are dropped (they have no scale);
-        ``uns["normalize_plates"]`` records the method, keys and the dropped features.
+        ``X`` the normalised profiles (float32) whatever ``rep`` was, the input's ``obs`` and
+        ``uns``, and a ``var`` row per kept feature: the input's ``var`` rows for ``X`` or a layer;
+        for an ``obsm`` key, the entry's column names (DataFrame) or ``f"{rep}_{j}"``, ``j`` the
+        column in ``obsm[rep]``. Features constant over all control rows are dropped (they have
+        no scale); ``uns["normalize_plates"]`` records the method, keys, ``rep`` and the dropped
+        features (by those names).
 
     Raises
     ------
@@ -156,6 +165,7 @@ def normalize_plates(
         raise CellflowValueError(f"regularization must be > 0 for method={method!r}, got {regularization!r}.")
     is_control = _control_mask(adata, perturbation_key, control)
     values = get_representation(adata, rep, dtype=np.float64)
+    features = feature_table(adata, rep)
 
     # features with no spread over the controls cannot be scaled against them
     robust = method in ("robust_z", "tvn")
@@ -185,7 +195,7 @@ def normalize_plates(
         mean, whitening = _whitening(values[is_control], regularization)
         values = (values - mean) @ whitening
 
-    var = adata.var.iloc[np.flatnonzero(keep)].copy()
+    var = features.iloc[np.flatnonzero(keep)].copy()
     result = ad.AnnData(X=values.astype(np.float32), obs=adata.obs.copy(), var=var, uns=copy.deepcopy(dict(adata.uns)))
     result.uns["normalize_plates"] = {
         "method": method,
@@ -193,7 +203,7 @@ def normalize_plates(
         "perturbation_key": perturbation_key,
         "control": [str(c) for c in np.atleast_1d(np.asarray(control, dtype=object))],
         "rep": rep,
-        "dropped_features": [str(v) for v in adata.var_names[~keep]],
+        "dropped_features": [str(v) for v in features.index[~keep]],
     }
     return result
 
@@ -215,7 +225,7 @@ def select_features(
     adata
         Profiles; not modified.
     rep
-        ``"X"`` or a layer holding the features.
+        ``"X"``, a layer or an ``obsm`` key holding the features.
     min_std
         Features whose standard deviation is at most this are near-constant.
     unique_cut, freq_cut
@@ -233,19 +243,24 @@ def select_features(
     Returns
     -------
     anndata.AnnData
-        The kept features only (``X`` float32; ``obs`` copied). ``uns["select_features"]``
-        maps each dropped feature to its reason: ``"non_finite"``, ``"near_constant"`` or
-        ``"correlated:<kept feature>"``. Every function here copies the input's ``uns`` and adds
-        its own record, so the provenance of a profile table accumulates.
+        The kept features only in ``X`` (float32) whatever ``rep`` was, ``obs`` copied, and a
+        ``var`` row per kept feature: the input's ``var`` rows for ``X`` or a layer; for an
+        ``obsm`` key, the entry's column names (DataFrame) or ``f"{rep}_{j}"``, ``j`` the column
+        in ``obsm[rep]``. ``uns["select_features"]`` records ``rep`` and maps each dropped
+        feature (by those names) to its reason under ``"dropped"``: ``"non_finite"``,
+        ``"near_constant"`` or ``"correlated:<kept feature>"``. Every function here copies the
+        input's ``uns`` and adds its own record, so the provenance of a profile table
+        accumulates.
     """
     if corr_threshold is not None and not 0 < corr_threshold <= 1:
         raise CellflowValueError(f"corr_threshold must be in (0, 1] or None, got {corr_threshold!r}.")
     values = get_representation(adata, rep, dtype=np.float64, check=False)
+    features = feature_table(adata, rep)
     rows = np.arange(adata.n_obs) if subset is None else np.asarray(subset)
     stats = values[rows]
     if stats.shape[0] < 2:
         raise CellflowValueError(f"select_features needs at least 2 rows to compute statistics on, got {stats.shape[0]}.")
-    names = [str(v) for v in adata.var_names]
+    names = [str(v) for v in features.index]
     reasons: dict[str, str] = {}
     finite = np.isfinite(values).all(axis=0)
     for j in np.flatnonzero(~finite):
@@ -281,10 +296,10 @@ def select_features(
     result = ad.AnnData(
         X=values[:, keep].astype(np.float32),
         obs=adata.obs.copy(),
-        var=adata.var.iloc[keep].copy(),
+        var=features.iloc[keep].copy(),
         uns=copy.deepcopy(dict(adata.uns)),
     )
-    result.uns["select_features"] = {"dropped": reasons}
+    result.uns["select_features"] = {"rep": rep, "dropped": reasons}
     return result
 
 
@@ -313,8 +328,10 @@ def aggregate(
     -------
     anndata.AnnData
         One row per group, in order of first appearance: ``X`` the aggregated profiles
-        (float32); ``obs`` the ``by`` columns, every other ``obs`` column that is constant
-        within each group (e.g. the mechanism of action), and ``n_aggregated``.
+        (float32) whatever ``rep`` was; ``obs`` the ``by`` columns, every other ``obs`` column
+        that is constant within each group (e.g. the mechanism of action), and
+        ``n_aggregated``; ``var`` the input's ``var`` for ``X`` or a layer, and for an ``obsm``
+        key the entry's column names (DataFrame) or ``f"{rep}_{j}"``.
     """
     methods = ("median", "mean")
     if method not in methods:
@@ -325,6 +342,7 @@ def aggregate(
     for column in columns:
         check_obs_column(adata, column, "by")
     values = get_representation(adata, rep, dtype=np.float64)
+    var = feature_table(adata, rep)
     obs = adata.obs.reset_index(drop=True)
     # codes number the groups in order of first appearance, so group g starts at first_rows[g]
     codes = obs.groupby(columns, sort=False, observed=True, dropna=False).ngroup().to_numpy()
@@ -342,7 +360,6 @@ def aggregate(
             new_obs[column] = pd.Categorical(new_obs[column], categories=adata.obs[column].cat.categories)
     new_obs["n_aggregated"] = np.bincount(codes, minlength=n_groups)
     new_obs.index = pd.Index(["_".join(str(v) for v in row) for row in new_obs[columns].itertuples(index=False)])
-    var = adata.var.copy() if rep == "X" or rep in adata.layers else None
     result = ad.AnnData(X=out.astype(np.float32), obs=new_obs, var=var, uns=copy.deepcopy(dict(adata.uns)))
     result.uns["aggregate"] = {"by": columns, "method": method, "rep": rep}
     return result
