@@ -195,6 +195,15 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path, monkeypatch):
     np.testing.assert_array_equal(full.predict(source, "A").X, interrupted.predict(source, "A").X)
     assert list(interrupted.history_["step"]) == list(full.history_["step"])
 
+    # the checkpoints are of this run: another architecture, learning rate or seed must not resume from them
+    wider = {**args, "width": 2 * SMALL["width"]}
+    with pytest.raises(cf.CellflowValueError, match=r"different run \(width: 64 there, 128 now\)"):
+        cf.ResponseModel(adata, **wider, checkpoint_dir=str(tmp_path / "a")).fit(steps=100, batch_size=32, progress=False, resume=True)
+    with pytest.raises(cf.CellflowValueError, match=r"seed: 0 there, 1 now"):
+        cf.ResponseModel(adata, **args, checkpoint_dir=str(tmp_path / "a")).fit(steps=100, batch_size=32, seed=1, progress=False, resume=True)
+    with pytest.warns(UserWarning, match="no checkpoint_dir option to resume from"):
+        cf.ResponseModel(adata, **args).fit(steps=25, batch_size=32, progress=False, resume=True)
+
 
 def test_validation_split_records_scores():
     adata = shift_data(n=120)

@@ -35,6 +35,7 @@ from cellflow.methods._flow_matching import (
     params_to_arrays,
     response_field_options,
     training_loop_options,
+    run_description,
     train_with_options,
 )
 from cellflow.nn import Denoiser
@@ -205,6 +206,7 @@ class Diffusion(Method):
         result = train_with_options(
             train_chunk, state, steps, options, evaluate=evaluate, resume=resume, progress=progress,
             description="diffusion",
+            run=run_description(data, options, steps=steps, batch_size=batch_size, seed=seed),
         )
         return DiffusionState(graphdef, result.best_ema, result.history, loc, scale)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -318,7 +320,7 @@ class FlowMatching(Method):
             )
         result = train_with_options(
             train_chunk, state, steps, options, evaluate=evaluate, resume=resume, progress=progress,
-            description="flow matching",
+            description="flow matching", run=run_description(data, options, steps=steps, batch_size=batch_size, seed=seed),
         )
         return FlowMatchingState(graphdef, result.best_ema, result.history, prior)
 
@@ -426,10 +428,22 @@ def params_from_arrays(arrays: Mapping[str, np.ndarray], template: Any) -> Any:
     return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(arrays[jax.tree_util.keystr(p)]) for p, _ in leaves])
 
 
+def run_description(data: PerturbationData, options: Mapping[str, Any], **fit_arguments: Any) -> dict[str, Any]:
+    """What makes a training run what it is, as JSON for its checkpoints: the options (except
+    where and how it dispatches and checkpoints), the fit's arguments and a digest of the data's
+    description (groups, vocabulary, covariates)."""
+    loop_only = set(training_loop_options())
+    described = {k: v for k, v in options.items() if k not in loop_only}
+    described.update(fit_arguments)
+    described["data"] = hashlib.sha256(data.spec.to_json().encode()).hexdigest()[:16]
+    return json.loads(json.dumps(described, default=str))
+
+
 def train_with_options(train_chunk, state, steps: int, options: Mapping[str, Any], *, resume: bool, progress: bool,
-                       description: str, evaluate=None):
+                       description: str, evaluate=None, run: Mapping[str, Any] | None = None):
     """:func:`cellflow.train.run_training` with the loop options every learned method shares
-    (``chunk``, ``eval_every``, ``patience``, ``checkpoint_dir``, ``checkpoint_every``)."""
+    (``chunk``, ``eval_every``, ``patience``, ``checkpoint_dir``, ``checkpoint_every``); ``run``
+    (see :func:`run_description`) guards resumes against another run's checkpoints."""
     return run_training(
         train_chunk,
         state,
@@ -443,6 +457,7 @@ def train_with_options(train_chunk, state, steps: int, options: Mapping[str, Any
         resume=resume,
         progress=progress,
         description=description,
+        run=run,
     )
 
 

@@ -36,6 +36,7 @@ from cellflow.methods._flow_matching import (
     params_to_arrays,
     response_field_options,
     training_loop_options,
+    run_description,
     train_with_options,
 )
 from cellflow.nn import ResponseField
@@ -193,6 +194,7 @@ class NeuralOT(Method):
         result = train_with_options(
             train_chunk, state, steps, options, evaluate=evaluate, resume=resume, progress=progress,
             description="neural OT (conditional map)",
+            run=run_description(data, options, steps=steps, batch_size=batch_size, seed=seed),
         )
         return ConditionalMapState(graphdef, result.best_ema, result.history)
 
@@ -217,7 +219,8 @@ class NeuralOT(Method):
         state = neural_ot.init_dual_state(params, optimizer, key_train)
         train_chunk = neural_ot.make_dual_train_chunk(dual_data, optimizer, config, chunk_size(steps, options["chunk"]))
         result = train_with_options(
-            train_chunk, state, steps, options, resume=resume, progress=progress, description="neural OT (per-condition ICNN)"
+            train_chunk, state, steps, options, resume=resume, progress=progress, description="neural OT (per-condition ICNN)",
+            run=run_description(data, options, steps=steps, batch_size=batch_size, seed=seed),
         )
         return DualMapsState(result.best_ema["f"], dual_data.shift, dual_data.scale, conditions, result.history)
 

@@ -39,6 +39,7 @@ from cellflow.methods._flow_matching import (
     params_to_arrays,
     response_field_options,
     training_loop_options,
+    run_description,
     train_with_options,
 )
 from cellflow.nn import BridgeField
@@ -178,6 +179,7 @@ class SchrodingerBridge(Method):
         result = train_with_options(
             train_chunk, state, steps, options, evaluate=evaluate, resume=resume, progress=progress,
             description="Schrödinger bridge",
+            run=run_description(data, options, steps=steps, batch_size=batch_size, seed=seed),
         )
         return BridgeState(graphdef, result.best_ema, result.history)
 

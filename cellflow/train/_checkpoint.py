@@ -1,13 +1,16 @@
-"""orbax checkpoints of a :class:`TrainState` (plus the loss history), with resume."""
+"""orbax checkpoints of a :class:`TrainState` (plus the loss history and what the run was), with resume."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from cellflow._errors import CellflowValueError
 from cellflow.train._state import TrainState
 
 __all__ = ["save_checkpoint", "restore_checkpoint", "latest_checkpoint"]
@@ -17,18 +20,23 @@ def _manager(directory: str | Path) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(
         Path(directory).absolute(),
         options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True),
-        item_names=("state", "history"),
+        item_names=("state", "history", "run"),
     )
 
 
-def save_checkpoint(directory: str | Path, state: TrainState, history: list[dict]) -> None:
-    """Save ``state`` at its step (orbax writes to a temporary directory and renames: atomic)."""
+def save_checkpoint(directory: str | Path, state: TrainState, history: list[dict], run: Mapping[str, Any] | None = None) -> None:
+    """Save ``state`` at its step (orbax writes to a temporary directory and renames: atomic).
+
+    ``run`` (JSON) describes the run (method options, steps, seed, data) so that a resume can
+    check that it continues the same one.
+    """
     with _manager(directory) as manager:
         manager.save(
             int(state.step),
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(jax.tree.map(np.asarray, state)),
                 history=ocp.args.JsonSave(history),
+                run=ocp.args.JsonSave(dict(run or {})),
             ),
         )
         manager.wait_until_finished()
@@ -42,10 +50,29 @@ def latest_checkpoint(directory: str | Path) -> int | None:
         return manager.latest_step()
 
 
-def restore_checkpoint(directory: str | Path, template: TrainState) -> tuple[TrainState, list[dict]]:
-    """Restore the latest checkpoint into the structure of ``template``."""
+def restore_checkpoint(
+    directory: str | Path, template: TrainState, run: Mapping[str, Any] | None = None
+) -> tuple[TrainState, list[dict]]:
+    """Restore the latest checkpoint into the structure of ``template``.
+
+    Raises
+    ------
+    CellflowValueError
+        The checkpoint is of another run: its ``run`` description differs from ``run`` (given),
+        or its arrays do not have the template's shapes (another architecture).
+    """
     with _manager(directory) as manager:
         step = manager.latest_step()
+        saved_run = manager.restore(step, args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"] or {}
+        if run is not None:
+            differing = sorted(k for k in set(run) | set(saved_run) if saved_run.get(k) != run.get(k))
+            if differing:
+                details = "; ".join(f"{k}: {saved_run.get(k)!r} there, {run.get(k)!r} now" for k in differing[:5])
+                raise CellflowValueError(
+                    f"checkpoint_dir={str(directory)!r} holds step {step} of a different run ({details}), so "
+                    "resume=True would continue another model; fit with resume=False to start afresh, or use "
+                    "another checkpoint_dir."
+                )
         restored = manager.restore(
             step,
             args=ocp.args.Composite(
@@ -53,5 +80,11 @@ def restore_checkpoint(directory: str | Path, template: TrainState) -> tuple[Tra
                 history=ocp.args.JsonRestore(),
             ),
         )
+    for (path, expected), got in zip(jax.tree_util.tree_flatten_with_path(template)[0], jax.tree.leaves(restored["state"])):
+        if np.shape(got) != np.shape(expected):
+            raise CellflowValueError(
+                f"checkpoint_dir={str(directory)!r} holds a model of another architecture: "
+                f"{jax.tree_util.keystr(path)} has shape {np.shape(got)} there, {np.shape(expected)} now."
+            )
     state = jax.tree.map(lambda t, r: jax.numpy.asarray(r, dtype=t.dtype), template, restored["state"])
     return state, list(restored["history"] or [])

@@ -7,7 +7,8 @@ the host only reads the chunk's losses to update the progress bar and history.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,7 @@ def run_training(
     resume: bool = False,
     progress: bool = True,
     description: str = "training",
+    run: Mapping[str, Any] | None = None,
 ) -> LoopResult:
     """Run ``steps`` training steps in jitted chunks of ``chunk`` steps.
 
@@ -89,7 +91,10 @@ def run_training(
         is kept and training stops after ``patience`` evaluations without improvement.
     checkpoint_dir, checkpoint_every, resume
         Save the state every ``checkpoint_every`` steps with orbax; ``resume`` restarts from the
-        latest checkpoint in ``checkpoint_dir``.
+        latest checkpoint in ``checkpoint_dir`` (from scratch when there is none yet).
+    run
+        JSON description of the run (options, steps, seed, data) saved with each checkpoint; a
+        resume whose ``run`` differs from the checkpoint's raises rather than continue another run.
 
     Raises :class:`~cellflow._errors.CellflowValueError` as soon as a chunk's mean loss is not
     finite, rather than returning NaN weights.
@@ -99,8 +104,15 @@ def run_training(
     evaluated, ``val_energy_distance``.
     """
     history: list[dict] = []
+    if resume and checkpoint_dir is None:
+        warnings.warn(
+            f"{description}: resume=True, but there is no checkpoint_dir option to resume from, so training starts "
+            "from scratch; pass checkpoint_dir=<directory> to the model to write and resume checkpoints.",
+            UserWarning,
+            stacklevel=4,
+        )
     if resume and checkpoint_dir is not None and latest_checkpoint(checkpoint_dir) is not None:
-        state, history = restore_checkpoint(checkpoint_dir, state)
+        state, history = restore_checkpoint(checkpoint_dir, state, run)
     start = int(state.step)
     n_chunks = -(-steps // chunk)
     best_score, best_ema, waited, stopped = np.inf, state.ema, 0, False
@@ -131,7 +143,7 @@ def run_training(
         bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k != "step"}, refresh=False)
         bar.update(chunk)
         if checkpoint_dir is not None and (step % checkpoint_every < chunk or step >= n_chunks * chunk):
-            save_checkpoint(checkpoint_dir, state, history)
+            save_checkpoint(checkpoint_dir, state, history, run)
         if evaluate is not None and waited >= patience:
             stopped = True
             break
