@@ -8,8 +8,8 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from cellflow._errors import CellflowKeyError, format_choices
-from cellflow.data import get_representation
+from cellflow._errors import CellflowKeyError, CellflowValueError, format_choices
+from cellflow.data import default_representation, get_representation
 
 __all__ = ["embedding", "metric_bars", "retrieval", "training_curve", "trajectories"]
 
@@ -25,7 +25,7 @@ def _axes(ax):
 def embedding(
     populations: dict[str, ad.AnnData | np.ndarray],
     *,
-    rep: str = "X",
+    rep: str | None = None,
     fit_on: str | None = None,
     ax=None,
     max_cells: int = 2000,
@@ -40,7 +40,8 @@ def embedding(
         ``{label: cells}``, each an AnnData (read in ``rep``) or an ``(n, d)`` array, e.g.
         ``{"control": ..., "observed": ..., "predicted": ...}``.
     rep
-        Representation of AnnData inputs.
+        Representation of AnnData inputs; ``None``: each one's own (a prediction's is the one it
+        was predicted in, ``uns["cellflow"]["rep"]``), else ``"X"``.
     fit_on
         Label whose cells define the principal axes (default: all populations pooled).
     ax
@@ -52,7 +53,13 @@ def embedding(
     -------
     The axes.
     """
-    arrays = {k: get_representation(v, rep) if isinstance(v, ad.AnnData) else np.asarray(v, np.float32) for k, v in populations.items()}
+    arrays = {
+        k: get_representation(v, rep or default_representation(v)) if isinstance(v, ad.AnnData) else np.asarray(v, np.float32)
+        for k, v in populations.items()
+    }
+    widths = {k: v.shape[1] if v.ndim == 2 else v.shape for k, v in arrays.items()}
+    if len(set(widths.values())) > 1:
+        raise CellflowValueError(f"populations must have the same number of features; got {widths}.")
     if fit_on is not None and fit_on not in arrays:
         raise CellflowKeyError(f"fit_on={fit_on!r} is not a population; valid choices: {format_choices(arrays)}.")
     basis = arrays[fit_on] if fit_on else np.concatenate(list(arrays.values()))
@@ -114,16 +121,41 @@ def metric_bars(
 
 
 def training_curve(history: pd.DataFrame, *, columns: Sequence[str] | None = None, ax=None, log: bool = True):
-    """Plot training metrics (``model.history_``) against the step."""
+    """Plot training metrics (``model.history_``) against the step.
+
+    Parameters
+    ----------
+    history
+        ``model.history_``: one row per dispatched chunk of steps.
+    columns
+        Columns to draw; default every loss and validation column (not ``step`` or the wall
+        time ``seconds``).
+    ax
+        Matplotlib axes; a new figure when ``None``.
+    log
+        Logarithmic y axis (not applied when a drawn value is not positive).
+
+    Returns
+    -------
+    The axes.
+    """
     if history.empty:
         raise CellflowKeyError("history is empty: the model has no training curve (closed-form methods have none).")
-    columns = [c for c in history.columns if c != "step"] if columns is None else list(columns)
+    if columns is None:
+        columns = [c for c in history.columns if c not in ("step", "seconds")]
+    else:
+        columns = list(columns)
+        unknown = [c for c in columns if c not in history.columns]
+        if unknown:
+            raise CellflowKeyError(f"columns {unknown!r} are not in history; valid choices: {format_choices(history.columns)}.")
     ax = _axes(ax)
     steps = history["step"] if "step" in history else np.arange(len(history))
+    marker = "o" if len(history) <= 20 else None  # a short fit has a chunk or a few: show the points
     for column in columns:
-        ax.plot(steps, history[column], label=column)
+        ax.plot(steps, history[column], label=column, marker=marker)
     ax.set_xlabel("step")
-    if log:
+    values = history[columns].to_numpy(dtype=float)
+    if log and np.all(values[np.isfinite(values)] > 0):
         ax.set_yscale("log")
     ax.legend(frameon=False)
     return ax
@@ -182,7 +214,7 @@ def trajectories(
     predicted: ad.AnnData,
     *,
     time_key: str,
-    rep: str = "X",
+    rep: str | None = None,
     observed: ad.AnnData | None = None,
     max_cells: int = 200,
     ax=None,
@@ -199,7 +231,7 @@ def trajectories(
     time_key
         The model's ``time_key`` (a column of ``predicted.obs``).
     rep
-        Representation to read.
+        Representation to read; ``None``: the one ``predicted`` was predicted in.
     observed
         Optional measured snapshots (with ``obs[time_key]``), scattered in the same colours.
     max_cells
@@ -215,6 +247,7 @@ def trajectories(
 
     if time_key not in predicted.obs:
         raise CellflowKeyError(f"time_key={time_key!r} is not a column of predicted.obs; valid choices: {format_choices(predicted.obs.columns)}.")
+    rep = rep or default_representation(predicted)
     times = np.sort(predicted.obs[time_key].unique())
     cells = get_representation(predicted, rep)
     paths = np.stack([cells[(predicted.obs[time_key] == t).to_numpy()] for t in times], axis=1)  # (n, T, d)

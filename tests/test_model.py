@@ -173,3 +173,42 @@ def test_a_control_label_differing_only_in_case_warns(toy):
     adata.obs.iloc[:5, adata.obs.columns.get_loc("condition")] = "Control"
     with pytest.warns(UserWarning, match=r"'Control'.*differ from control='control' only in case"):
         cf.ResponseModel(adata, rep="X", method="mean_shift")
+
+
+def test_gaussian_ot_names_a_group_too_small_for_a_covariance(toy):
+    adata = toy[~((toy.obs.condition == "B").to_numpy() & (toy.obs.patient == "P2").to_numpy() & (toy.obs.dose == "10.0").to_numpy())]
+    lone = toy[(toy.obs.condition == "B").to_numpy() & (toy.obs.patient == "P2").to_numpy() & (toy.obs.dose == "10.0").to_numpy()][:1]
+    adata = ad.concat([adata, lone])
+    with pytest.raises(cf.CellflowValueError, match=r"condition 'B' at dose '10' \(patient='P2'\) has 1 treated cell.*mean_shift"):
+        cf.ResponseModel(adata, rep="X", dose_key="dose", covariate_keys=("patient",), method="gaussian_ot").fit()
+
+
+def test_evaluate_and_plots_read_a_prediction_in_the_representation_it_was_made_in(toy):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    model = cf.ResponseModel(toy, rep="X_pca", method="mean_shift").fit()
+    pred = model.predict(toy[toy.obs.condition == "control"], "A")
+    truth = toy[toy.obs.condition == "A"]
+    table = cf.metrics.evaluate(pred, truth, metrics=("energy_distance",))  # pred has no X: its rep is X_pca
+    assert table["energy_distance"].iloc[0] == cf.metrics.evaluate(pred, truth, rep="X_pca", metrics=("energy_distance",))["energy_distance"].iloc[0]
+    with pytest.raises(cf.CellflowValueError, match=r"rep='X' is empty.*valid choices.*'X_pca'"):
+        cf.metrics.evaluate(pred, truth, rep="X")
+    cf.pl.embedding({"predicted": pred, "observed": truth.obsm["X_pca"]})
+    with pytest.raises(cf.CellflowValueError, match="same number of features"):
+        cf.pl.embedding({"predicted": pred, "observed": truth.X[:, :2]})
+
+
+def test_training_curve_draws_the_losses_not_the_clock():
+    import matplotlib
+    import pandas as pd
+
+    matplotlib.use("Agg")
+    history = pd.DataFrame({"step": [100], "loss": [0.5], "interaction": [0.01], "seconds": [9.3]})
+    ax = cf.pl.training_curve(history)
+    assert [line.get_label() for line in ax.get_lines()] == ["loss", "interaction"]
+    assert ax.get_lines()[0].get_marker() == "o" and ax.get_yscale() == "log"  # one chunk: a visible point
+    signed = pd.DataFrame({"step": np.arange(1, 31), "w2": np.linspace(-1, 1, 30)})
+    assert cf.pl.training_curve(signed).get_yscale() == "linear"
+    with pytest.raises(cf.CellflowKeyError, match=r"columns \['lr'\].*valid choices"):
+        cf.pl.training_curve(history, columns=["lr"])

@@ -19,6 +19,7 @@ from cellflow.data._lookup import condition_weights, embedding_neighbours
 from cellflow.data._representation import (
     available_representations,
     check_finite,
+    default_representation,
     get_representation,
 )
 from cellflow.data._sampler import (
@@ -61,6 +62,7 @@ __all__ = [
     "embedding_neighbours",
     "encode_condition",
     "format_dose",
+    "default_representation",
     "get_representation",
     "holdout",
     "make_embedding_table",

@@ -8,7 +8,14 @@ import scipy.sparse as sp
 
 from cellflow._errors import CellflowKeyError, CellflowValueError, format_choices
 
-__all__ = ["available_representations", "check_finite", "get_representation"]
+__all__ = ["available_representations", "check_finite", "default_representation", "get_representation"]
+
+
+def default_representation(adata: ad.AnnData) -> str:
+    """The representation a prediction of cellflow was written in (``uns["cellflow"]["rep"]``), else ``"X"``."""
+    info = adata.uns.get("cellflow") if isinstance(adata, ad.AnnData) else None
+    rep = info.get("rep") if isinstance(info, dict) else None
+    return rep if isinstance(rep, str) else "X"
 
 
 def available_representations(adata: ad.AnnData) -> list[str]:
@@ -48,7 +55,10 @@ def get_representation(adata: ad.AnnData, rep: str = "X", *, dtype=np.float32, c
             f"valid choices: {format_choices(available_representations(adata))}."
         )
     if matrix is None:
-        raise CellflowValueError(f"rep={rep!r} is empty (adata.X is None).")
+        others = [r for r in available_representations(adata) if r != "X"]
+        raise CellflowValueError(
+            f"rep={rep!r} is empty (adata.X is None); valid choices: {format_choices(others)}."
+        )
     if sp.issparse(matrix):
         array = np.asarray(matrix.toarray(), dtype=dtype)
     elif hasattr(matrix, "to_numpy"):  # obsm entries may be DataFrames

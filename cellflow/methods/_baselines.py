@@ -8,6 +8,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from cellflow._errors import CellflowValueError
 from cellflow.data import Condition, DataSpec, EmbeddingTable, PerturbationData, condition_weights
 from cellflow.methods._base import Method, Option
 from cellflow.solvers import baselines
@@ -46,6 +47,8 @@ class _AffineBaseline(Method):
         pools = [data.cells[index] for index in data.pool_index]
         sources = [pools[p] for p in data.spec.groups["pool"]]
         targets = [data.cells[index] for index in data.group_index]
+        if self.covariances:
+            _check_covariance_sizes(data, sources, targets)
         moments = baselines.group_moments(
             sources, targets, covariances=self.covariances, shrinkage=options.get("shrinkage", "ledoit_wolf")
         )
@@ -73,6 +76,22 @@ class _AffineBaseline(Method):
 
     def state_from_arrays(self, arrays, spec, options, embeddings) -> baselines.AffineResponse:
         return baselines.AffineResponse(offset=arrays["offset"], linear=arrays.get("linear"))
+
+
+def _check_covariance_sizes(data: PerturbationData, sources: list[np.ndarray], targets: list[np.ndarray]) -> None:
+    """A covariance needs two cells: name the first group (or its control pool) with fewer."""
+    spec = data.spec
+    for g, (x, y) in enumerate(zip(sources, targets)):
+        if min(len(x), len(y)) >= 2:
+            continue
+        row = spec.groups.iloc[g]
+        where = ", ".join(f"{k}={row[k]!r}" for k in spec.covariate_keys)
+        what = f"condition {row['condition']!r}" + (f" at dose {row['dose']!r}" if spec.dose_key else "") + (f" ({where})" if where else "")
+        side = f"has {len(y)} treated cell" if len(y) < 2 else f"is paired with {len(x)} control cell"
+        raise CellflowValueError(
+            f"gaussian_ot fits a covariance per group and control pool, but {what} {side}; a covariance needs at "
+            "least 2 cells. Drop such groups, add the cells, or use method='mean_shift'."
+        )
 
 
 class MeanShift(_AffineBaseline):

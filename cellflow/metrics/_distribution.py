@@ -36,7 +36,7 @@ import pandas as pd
 from jax import lax
 
 from cellflow._errors import CellflowKeyError, CellflowValueError, format_choices
-from cellflow.data._representation import get_representation
+from cellflow.data._representation import default_representation, get_representation
 
 __all__ = [
     "METRICS",
@@ -375,6 +375,9 @@ def mmd(
     return float(per_gamma.mean())
 
 
+_SINKHORN_MAX_ITERATIONS = 20_000
+
+
 @functools.partial(jax.jit, static_argnames=("epsilon", "scale_cost"))
 def _sinkdiv(
     x: jax.Array, y: jax.Array, a: jax.Array, b: jax.Array, *, epsilon: float, scale_cost: float | str
@@ -382,7 +385,12 @@ def _sinkdiv(
     from ott.geometry import costs
     from ott.tools import sinkhorn_divergence as sd
 
-    value, out = sd.sinkdiv(x, y, a=a, b=b, cost_fn=costs.SqEuclidean(), epsilon=epsilon, scale_cost=scale_cost)
+    # ε = 1 on unscaled PCA coordinates (costs in the hundreds) needs more than ott's default
+    # 2,000 iterations for some populations; a converged solve stops early either way
+    value, out = sd.sinkdiv(
+        x, y, a=a, b=b, cost_fn=costs.SqEuclidean(), epsilon=epsilon, scale_cost=scale_cost,
+        solve_kwargs={"max_iterations": _SINKHORN_MAX_ITERATIONS},
+    )
     return value, jnp.all(jnp.asarray(out.converged))
 
 
@@ -651,7 +659,7 @@ def evaluate(
     pred: ad.AnnData,
     truth: ad.AnnData,
     *,
-    rep: str = "X",
+    rep: str | None = None,
     groupby: str | Sequence[str] | None = "condition",
     control: ad.AnnData | None = None,
     control_match: str | Sequence[str] = (),
@@ -671,7 +679,8 @@ def evaluate(
     rep
         Representation used for every metric: ``"X"``, an ``obsm`` key or a layer
         (:func:`cellflow.data.get_representation`), the same in ``pred``, ``truth`` and
-        ``control``.
+        ``control``. ``None``: the one ``pred`` was predicted in (``ResponseModel.predict``
+        records it), else ``"X"``.
     groupby
         obs column, or list of columns, present in both ``pred`` and ``truth``; one row is
         returned per combination present in ``truth`` (sorted). ``None`` compares the whole
@@ -717,6 +726,8 @@ def evaluate(
         Missing obs column, representation or var name.
     """
     names = _validate_metrics(metrics)
+    if rep is None:
+        rep = default_representation(pred)
     group_cols = _as_columns(groupby, "groupby")
     match_cols = _as_columns(control_match, "control_match")
     for arg, value in (("pred", pred), ("truth", truth)):
