@@ -179,7 +179,9 @@ class ResponseModel:
             Show a progress bar.
         resume
             Continue from the latest training checkpoint in the ``checkpoint_dir`` option
-            (learned methods); the result equals an uninterrupted run.
+            (learned methods); the result equals an uninterrupted run. A checkpoint of another
+            run (other options, steps, batch size, seed or data) is refused with an error; with
+            no checkpoint yet, training starts from scratch.
         """
         if self._data is None:
             raise CellflowValueError(

@@ -1,10 +1,13 @@
+import json
+
 import numpy as np
 import pandas as pd
+import pytest
 from _toy import toy_adata
 
 import cellflow as cf
 from cellflow._demo import best_available_method, run_demo
-from cellflow.cli import main
+from cellflow.cli import build_parser, main
 
 
 def test_demo_mean_shift_beats_identity_on_held_out_combinations(tmp_path):
@@ -74,3 +77,128 @@ def test_cli_train_with_an_embedding_table_predicts_an_unseen_perturbation(tmp_p
                  "--covariate", "patient=P1", "--out", str(out)]) == 0
     source = adata[adata.obs.condition == "control"]
     np.testing.assert_allclose((cf.datasets.read(out).X - source.X).mean(0), [1.0, 0.0, 0.0], atol=1e-5)  # A's shift in P1
+
+
+def _single_drug_table(tmp_path):
+    """The toy data without its combination as a csv whose dose, donor id and plate columns are all numeric."""
+    adata = toy_adata()
+    adata = adata[adata.obs.condition != "A+B"]
+    table = pd.DataFrame(adata.X, columns=["x0", "x1", "x2"])
+    table["condition"] = adata.obs.condition.to_numpy()
+    table["dose"] = adata.obs.dose.astype(float).to_numpy()
+    table["patient"] = adata.obs.patient.map({"P1": 101, "P2": 102, "P3": 103}).astype(int).to_numpy()
+    table["plate"] = np.arange(len(table)) % 2
+    path = tmp_path / "cells.csv"
+    table.to_csv(path, index=False)
+    return adata, path
+
+
+def test_cli_train_keeps_numeric_key_columns_and_obs_columns_as_metadata(tmp_path):
+    adata, path = _single_drug_table(tmp_path)
+    model_dir = tmp_path / "model"
+    # dose and patient are numeric, so a table reader makes them features; naming them as keys keeps them as obs
+    assert main(["train", str(path), "--out", str(model_dir), "--rep", "X", "--dose-key", "dose", "--covariate-key", "patient",
+                 "--obs-column", "plate", "--method", "mean_shift", "--quiet"]) == 0
+    spec = cf.ResponseModel.load(model_dir).spec_
+    assert spec.n_features == 3 and spec.feature_names == ("x0", "x1", "x2")
+    assert set(spec.covariate_values["patient"]) == {"101", "102", "103"}
+    out = tmp_path / "pred.h5ad"
+    assert main(["predict", str(model_dir), str(path), "--source-control", "--obs-column", "plate", "--perturbation", "A",
+                 "--dose", "1.0", "--out", str(out)]) == 0
+    pred = cf.datasets.read(out)
+    source = adata[adata.obs.condition == "control"]
+    assert pred.n_vars == 3 and pred.n_obs == source.n_obs
+    p1 = (pred.obs.patient == 101).to_numpy()
+    np.testing.assert_allclose((pred.X[p1] - source.X[p1]).mean(0), [1.0, 0.0, 0.0], atol=1e-5)  # A's shift in P1
+
+
+def test_cli_train_defaults_and_help(tmp_path, capsys):
+    assert build_parser().parse_args(["train", "data.h5ad", "--out", "m"]).method == "flow_matching"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for default in ("(default: flow_matching)", "(default: X_pca)", "(default: condition)", "(default: control)"):
+        assert default in text
+
+
+def test_cli_refuses_unwritable_outputs_before_working(tmp_path, capsys):
+    data = tmp_path / "toy.h5ad"
+    toy_adata().write_h5ad(data)
+    model_dir = tmp_path / "m1"
+    train = ["train", str(data), "--out", str(model_dir), "--rep", "X", "--method", "mean_shift", "--quiet"]
+    assert main(train) == 0
+    capsys.readouterr()
+    assert main(train) == 2
+    err = capsys.readouterr().err
+    assert "pass --overwrite" in err and "overwrite=True" not in err
+    assert main([*train, "--overwrite"]) == 0
+    (tmp_path / "a_file").write_text("")
+    assert main(["train", str(data), "--out", str(tmp_path / "a_file" / "m"), "--rep", "X", "--method", "mean_shift"]) == 2
+    assert "not a writable folder" in capsys.readouterr().err
+    missing = tmp_path / "nonexistent" / "p.h5ad"
+    assert main(["predict", str(model_dir), str(data), "--perturbation", "A", "--out", str(missing)]) == 2
+    assert "does not exist" in capsys.readouterr().err and not missing.parent.exists()
+    assert main(["bench", str(data), "--hold-out-conditions", "A+B", "--out", str(missing.with_suffix(".csv"))]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def _bench(capsys, argv, quiet=True):
+    assert main(["bench", *argv, *(["--quiet"] if quiet else [])]) == 0
+    captured = capsys.readouterr()
+    if not quiet:
+        assert "fitted identity (seed 0)" in captured.err  # progress goes to stderr, the JSON alone to stdout
+    return json.loads(captured.out)
+
+
+def test_cli_bench_compares_baselines_over_seeds_and_writes_a_row_per_group(tmp_path, capsys):
+    data = tmp_path / "toy.h5ad"
+    toy_adata().write_h5ad(data)
+    out = tmp_path / "bench.csv"
+    report = _bench(capsys, [str(data), "--methods", "identity", "mean_shift", "--seeds", "0", "1", "--rep", "X",
+                             "--dose-key", "dose", "--covariate-key", "patient", "--hold-out-doses", "10", "--out", str(out)])
+    assert report["split"]["kind"] == "doses" and report["split"]["held_out_conditions"] == ["A", "B"]
+    results = report["results"]
+    assert list(results) == ["identity", "mean_shift"]
+    assert set(results["identity"]) == {"energy_distance", "mmd", "energy_distance/mean_shift", "fit_seconds"}
+    assert results["mean_shift"]["energy_distance/mean_shift"] == 1.0
+    assert results["identity"]["energy_distance"] > results["mean_shift"]["energy_distance"]
+    table = pd.read_csv(out)
+    # A and B at dose 10 for P1 and P2: four groups, each from its own patient's controls
+    assert len(table) == 2 * 2 * 4 and set(table["patient"]) == {"P1", "P2"} and (table["n_control"] == 40).all()
+    means = table.groupby("method")["energy_distance"].mean()
+    assert means["identity"] == pytest.approx(results["identity"]["energy_distance"], abs=1e-4)
+
+
+def test_cli_bench_learned_method_on_a_table_with_random_combinations(tmp_path, capsys):
+    adata = toy_adata()
+    table = pd.DataFrame(adata.X, columns=["x0", "x1", "x2"]).assign(**{k: adata.obs[k].to_numpy() for k in adata.obs})
+    table.to_csv(tmp_path / "toy.csv", index=False)
+    # width goes to flow_matching only (mean_shift has no such option)
+    report = _bench(capsys, [str(tmp_path / "toy.csv"), "--methods", "mean_shift", "flow_matching", "--rep", "X",
+                             "--dose-key", "dose", "--covariate-key", "patient", "--hold-out-combinations", "--steps", "20",
+                             "--option", "width=16", "--option", "depth=1", "--metric", "energy_distance"])
+    assert report["split"]["held_out_conditions"] == ["A+B"] and report["split"]["n_groups"] == 1
+    assert np.isfinite(report["results"]["flow_matching"]["energy_distance/mean_shift"])
+
+
+def test_cli_bench_without_a_file_uses_the_demo_split(capsys):
+    report = _bench(capsys, ["--methods", "identity", "mean_shift", "--metric", "energy_distance"], quiet=False)
+    assert report["data"] == "synthetic" and report["split"]["kind"] == "demo"
+    assert report["results"]["identity"]["energy_distance/mean_shift"] > 1.5
+
+
+def test_cli_bench_reports_bad_requests(tmp_path, capsys):
+    data = tmp_path / "toy.h5ad"
+    toy_adata().write_h5ad(data)
+    assert main(["bench", str(data), "--rep", "X"]) == 2
+    assert "--hold-out-conditions, --hold-out-combinations" in capsys.readouterr().err
+    assert main(["bench", str(data), "--rep", "X", "--hold-out-doses", "10"]) == 2
+    assert "needs --dose-key" in capsys.readouterr().err
+    assert main(["bench", str(data), "--methods", "mean_shift", "--option", "widht=3", "--hold-out-conditions", "A+B"]) == 2
+    assert "'widht'" in capsys.readouterr().err
+    assert main(["bench", str(data), "--methods", "nope", "--hold-out-conditions", "A+B"]) == 2
+    assert "'mean_shift'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", str(data), "--hold-out-conditions", "A", "--hold-out-doses", "10"])
+    assert exit_info.value.code == 2
