@@ -38,6 +38,19 @@ def test_missing_obs_columns(adata, kwargs, argument, value):
     assert f"{argument}={value!r}" in message and "'condition'" in message  # lists the valid columns
 
 
+def test_a_key_read_as_a_feature_says_how_to_keep_it_as_metadata(adata, tmp_path):
+    import pandas as pd
+
+    table = pd.DataFrame(adata.X, columns=["g0", "g1", "g2"])
+    table["condition"] = adata.obs["condition"].to_numpy()
+    table["patient_id"] = adata.obs["patient"].str[1:].astype(int).to_numpy()  # numeric donor ids
+    table.to_csv(tmp_path / "cells.csv", index=False)
+    cells = cf.datasets.read(tmp_path / "cells.csv")
+    with pytest.raises(cf.CellflowKeyError, match=r"'patient_id' is a feature.*obs_columns="):
+        make(cells, covariate_keys=("patient_id",))
+    make(cf.datasets.read(tmp_path / "cells.csv", obs_columns=["condition", "patient_id"]), covariate_keys=("patient_id",))
+
+
 def test_control_value_absent(adata):
     with pytest.raises(cf.CellflowValueError, match=r"control='ctrl'.*values present.*'control'"):
         make(adata, control="ctrl")

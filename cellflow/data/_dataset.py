@@ -34,8 +34,14 @@ TIME_COLUMN = "_time"
 def check_obs_column(adata: ad.AnnData, key: str, argument: str) -> None:
     """Raise :class:`CellflowKeyError` if ``key`` is not (the string name of) an ``obs`` column."""
     if not isinstance(key, str) or key not in adata.obs.columns:
+        hint = ""
+        if isinstance(key, str) and key in adata.var_names:
+            hint = (
+                f" {key!r} is a feature (a var name) of adata: a table read with cellflow.datasets.read keeps numeric "
+                f"columns as features unless named in obs_columns=[..., {key!r}]."
+            )
         raise CellflowKeyError(
-            f"{argument}={key!r} is not a column of adata.obs; valid choices: {format_choices(adata.obs.columns)}."
+            f"{argument}={key!r} is not a column of adata.obs; valid choices: {format_choices(adata.obs.columns)}.{hint}"
         )
 
 
