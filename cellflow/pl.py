@@ -128,8 +128,8 @@ def training_curve(history: pd.DataFrame, *, columns: Sequence[str] | None = Non
     history
         ``model.history_``: one row per dispatched chunk of steps.
     columns
-        Columns to draw; default every loss and validation column (not ``step`` or the wall
-        time ``seconds``).
+        Columns to draw; default every loss and validation column (not ``step``, the wall
+        time ``seconds`` or ``coupling_fallback``).
     ax
         Matplotlib axes; a new figure when ``None``.
     log
@@ -141,8 +141,8 @@ def training_curve(history: pd.DataFrame, *, columns: Sequence[str] | None = Non
     """
     if history.empty:
         raise CellflowKeyError("history is empty: the model has no training curve (closed-form methods have none).")
-    if columns is None:
-        columns = [c for c in history.columns if c not in ("step", "seconds")]
+    if columns is None:  # the losses: not the step, the clock or the share of failed couplings
+        columns = [c for c in history.columns if c not in ("step", "seconds", "coupling_fallback")]
     else:
         columns = list(columns)
         unknown = [c for c in columns if c not in history.columns]

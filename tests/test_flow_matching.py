@@ -29,6 +29,43 @@ def shift_data(n=300, seed=0):
     return ad.AnnData(X=np.vstack(blocks).astype(np.float32), obs={"condition": labels})
 
 
+def test_a_failing_coupling_is_reported_not_silently_replaced_by_random_pairs():
+    rng = np.random.default_rng(0)
+    x, y = (jnp.asarray(rng.normal(size=(64, 2)) + shift, jnp.float32) for shift in (0.0, 3.0))
+    _, _, fell_back = fm.couple(jax.random.key(0), x, y, fm.FlowMatchingConfig(epsilon=1e-6), with_status=True)
+    assert bool(fell_back)  # float32 Sinkhorn cannot resolve this epsilon: the batch is paired at random
+    _, _, fell_back = fm.couple(jax.random.key(0), x, y, fm.FlowMatchingConfig(), with_status=True)
+    assert not bool(fell_back)
+
+    adata = shift_data(n=60)
+    with pytest.warns(UserWarning, match=r"coupling failed in \d+% of the batches.*raise the epsilon"):
+        model = cf.ResponseModel(adata, rep="X", method="flow_matching", **{**SMALL, "epsilon": 1e-6}).fit(
+            steps=50, batch_size=32, progress=False
+        )
+    assert model.history_["coupling_fallback"].iloc[-1] > 0.5
+    with pytest.raises(cf.CellflowValueError, match=r"epsilon=0 for method .flow_matching. is invalid: expected a number > 0"):
+        cf.ResponseModel(adata, rep="X", method="flow_matching", epsilon=0)
+    for bad in (dict(epsilon=0.0), dict(tau_a=1.5), dict(batch_size=0), dict(sigma=-1.0)):
+        with pytest.raises(cf.CellflowValueError, match=f"{next(iter(bad))}=.*must be"):
+            fm.FlowMatchingConfig(**bad)
+
+
+def test_array_level_choices_are_validated_not_silently_replaced():
+    from flax import nnx
+
+    from cellflow.nn import ResponseField
+    from cellflow.solvers import diffusion, neural_ot
+
+    with pytest.raises(cf.CellflowValueError, match=r"fit='barycentrix'.*'barycentric'"):
+        neural_ot.MongeMapConfig(fit="barycentrix")
+    with pytest.raises(cf.CellflowValueError, match=r"pooling='max'.*'attention'"):
+        ResponseField(2, 3, (), width=8, depth=1, token_dim=4, context_dim=4, pooling="max", rngs=nnx.Rngs(0))
+    with pytest.raises(cf.CellflowValueError, match=r"solver='rk4'.*'heun'"):
+        fm._solver("rk4")
+    with pytest.raises(cf.CellflowValueError, match=r"sampler='ODE'.*'ode'"):
+        diffusion.generate(None, None, jnp.zeros((2, 2)), None, None, jax.random.key(0), diffusion.DiffusionConfig(), sampler="ODE")
+
+
 def test_ot_coupling_recovers_a_permutation():
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(64, 3)), jnp.float32)

@@ -27,6 +27,7 @@ from cellflow.methods._flow_matching import (
     _known_covariates,
     _non_negative,
     _one_of,
+    _positive,
     _positive_int,
     _split_validation,
     _validation_scorer,
@@ -56,10 +57,6 @@ class DiffusionState(NamedTuple):
     history: pd.DataFrame
     loc: np.ndarray
     scale: np.ndarray
-
-
-def _positive(value):
-    return None if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else "expected a number > 0."
 
 
 def _real(value):

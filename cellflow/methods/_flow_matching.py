@@ -54,6 +54,10 @@ def _non_negative(value):
     return None if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0 else "expected a number >= 0."
 
 
+def _positive(value):
+    return None if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else "expected a number > 0."
+
+
 def _fraction(value):
     return None if isinstance(value, (int, float)) and 0 <= value < 1 else "expected a number in [0, 1)."
 
@@ -222,7 +226,7 @@ class FlowMatching(Method):
         "warmup": Option(200, "warm-up steps", _non_negative),
         "conditions_per_step": Option(8, "treated groups per training step", _positive_int),
         "coupling": Option("ot", "'ot' (minibatch Sinkhorn) or 'independent'", _one_of(*fm.COUPLINGS)),
-        "epsilon": Option(0.01, "Sinkhorn regularisation relative to the mean cost", _non_negative),
+        "epsilon": Option(0.01, "Sinkhorn regularisation relative to the mean cost", _positive),
         "tau_a": Option(1.0, "source unbalancedness (1 = balanced)", _unit_interval),
         "tau_b": Option(1.0, "target unbalancedness (1 = balanced)", _unit_interval),
         "path": Option(

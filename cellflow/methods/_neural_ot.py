@@ -28,6 +28,7 @@ from cellflow.methods._flow_matching import (
     _known_covariates,
     _non_negative,
     _one_of,
+    _positive,
     _positive_int,
     _split_validation,
     _validation_scorer,
@@ -115,7 +116,7 @@ class NeuralOT(Method):
         # conditional map
         **response_field_options("the map network", centre=True),
         "conditions_per_step": Option(8, "treated groups per training step (conditional map)", _positive_int),
-        "epsilon": Option(0.05, "Sinkhorn regularisation of the fit and Monge gap, relative to the source spread (mean squared distance)", _non_negative),
+        "epsilon": Option(0.05, "Sinkhorn regularisation of the fit and Monge gap, relative to the source spread (mean squared distance)", _positive),
         "monge_gap": Option(1.0, "weight of the Monge-gap regulariser (conditional map)", _non_negative),
         "fit": Option(
             "sinkhorn_divergence",

@@ -151,6 +151,8 @@ class ResponseField(nnx.Module):
     ):
         if field not in FIELDS:
             raise CellflowValueError(f"field={field!r} is not one of {list(FIELDS)}")
+        if pooling not in ("mean", "attention"):
+            raise CellflowValueError(f"pooling={pooling!r} is invalid; valid choices: ['mean', 'attention'].")
         self.centre = centre
         self.field = field
         self.covariate_sizes = tuple(covariate_sizes)

@@ -46,6 +46,7 @@ from cellflow.solvers.flow_matching import init_state
 from cellflow.train import scanned_training_chunk, shared_jit
 
 __all__ = [
+    "SAMPLERS",
     "DiffusionConfig",
     "denoise",
     "generate",
@@ -199,6 +200,10 @@ class _NoiseGrid(diffrax.StepTo):
         return self.ts[1], 2
 
 
+#: Samplers of :func:`generate`: the probability-flow ODE (Heun) or the reverse SDE (Euler–Maruyama).
+SAMPLERS = ("ode", "sde")
+
+
 def generate(
     graphdef: Any,
     params: Any,
@@ -217,6 +222,8 @@ def generate(
     diffrax integrates in the time ``r = -sigma`` (increasing) on the Karras grid of noise levels
     (``diffrax.StepTo``); for the ODE this is the second-order sampler of Karras et al.
     """
+    if sampler not in SAMPLERS:
+        raise CellflowValueError(f"sampler={sampler!r} is invalid; valid choices: {list(SAMPLERS)}.")
     model = nnx.merge(graphdef, params)
     encoded = model.encode(condition, population)
     start = config.sigma_max if sigma_start is None else float(sigma_start)

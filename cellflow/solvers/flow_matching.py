@@ -33,9 +33,9 @@ from cellflow._errors import CellflowValueError, format_choices
 from cellflow.data import ConditionArrays, TrainingArrays, sample_batches
 from cellflow.nn import ResponseField
 from cellflow.solvers.baselines import AffineResponse, push_group
-from cellflow.train import TrainState, initial_state, scanned_training_chunk, shared_jit
+from cellflow.train import COUPLING_FALLBACK, TrainState, initial_state, scanned_training_chunk, shared_jit
 
-__all__ = ["COMBINE_RULES", "COUPLINGS", "PATHS", "FlowMatchingConfig", "checked_plan", "couple", "sample_plan", "energy_distance", "interpolate", "make_train_chunk", "push", "init_state", "integrate"]
+__all__ = ["COMBINE_RULES", "COUPLINGS", "PATHS", "SOLVERS", "FlowMatchingConfig", "checked_plan", "couple", "sample_plan", "usable_plan", "energy_distance", "interpolate", "make_train_chunk", "push", "init_state", "integrate"]
 
 
 PATHS = ("straight", "brownian", "smoothed")
@@ -101,19 +101,40 @@ class FlowMatchingConfig:
         for name, value, choices in (("path", self.path, PATHS), ("coupling", self.coupling, COUPLINGS)):
             if value not in choices:
                 raise CellflowValueError(f"FlowMatchingConfig: {name}={value!r} is invalid; valid choices: {format_choices(choices)}.")
+        checks = (
+            ("batch_size", self.batch_size >= 2, "an integer >= 2"),
+            ("conditions_per_step", self.conditions_per_step >= 1, "a positive integer"),
+            ("epsilon", self.epsilon > 0, "> 0 (0 is unregularised OT, which Sinkhorn cannot solve)"),
+            ("tau_a", 0 < self.tau_a <= 1, "in (0, 1]"),
+            ("tau_b", 0 < self.tau_b <= 1, "in (0, 1]"),
+            ("sinkhorn_iterations", self.sinkhorn_iterations >= 1, "a positive integer"),
+            ("sigma", self.sigma >= 0, ">= 0"),
+            ("sigma_min", self.sigma_min >= 0, ">= 0"),
+            ("ema_decay", 0 <= self.ema_decay < 1, "in [0, 1)"),
+            ("covariate_dropout", 0 <= self.covariate_dropout <= 1, "in [0, 1]"),
+            ("interaction_penalty", self.interaction_penalty >= 0, ">= 0"),
+            ("population_size", self.population_size >= 1, "a positive integer"),
+        )
+        for name, valid, expected in checks:
+            if not valid:
+                raise CellflowValueError(f"FlowMatchingConfig: {name}={getattr(self, name)!r} must be {expected}.")
 
 
-def couple(key: jax.Array, source: jax.Array, target: jax.Array, config: FlowMatchingConfig) -> tuple[jax.Array, jax.Array]:
+def couple(
+    key: jax.Array, source: jax.Array, target: jax.Array, config: FlowMatchingConfig, *, with_status: bool = False
+) -> tuple[jax.Array, ...]:
     """Resample ``(x0, x1)`` pairs ``(B, d)`` from the entropic OT plan between two batches.
 
     Each source cell keeps its place; its partner is drawn from its row of the plan (for
-    unbalanced plans, source cells are also redrawn by their row mass).
+    unbalanced plans, source cells are also redrawn by their row mass). ``with_status`` also
+    returns whether Sinkhorn failed and the batch was paired independently (see
+    :func:`sample_plan`).
     """
     if config.coupling == "independent":
-        return source, target
+        return (source, target, jnp.asarray(False)) if with_status else (source, target)
     return sample_plan(
         key, source, target, epsilon=config.epsilon, scale_cost="mean", tau_a=config.tau_a, tau_b=config.tau_b,
-        max_iterations=config.sinkhorn_iterations,
+        max_iterations=config.sinkhorn_iterations, with_status=with_status,
     )
 
 
@@ -128,7 +149,8 @@ def sample_plan(
     tau_b: float = 1.0,
     max_iterations: int = 500,
     threshold: float = 1e-2,
-) -> tuple[jax.Array, jax.Array]:
+    with_status: bool = False,
+) -> tuple[jax.Array, ...]:
     """Draw ``(x0, x1)`` pairs ``(B, d)`` from the entropic OT plan of squared Euclidean cost.
 
     Parameters
@@ -144,6 +166,15 @@ def sample_plan(
         Unbalancedness (1.0 is balanced).
     max_iterations, threshold
         Sinkhorn's stopping rule.
+    with_status
+        Also return a boolean scalar: ``True`` when Sinkhorn gave no usable plan (see
+        :func:`checked_plan`) and the pairs were drawn from the independent coupling. Training
+        loops report it, since a run that falls back often (an ``epsilon`` too small for float32)
+        silently trains on random pairs.
+
+    Returns
+    -------
+    ``(x0, x1)``, or ``(x0, x1, fell_back)`` with ``with_status``.
     """
     geometry = pointcloud.PointCloud(source, target, epsilon=epsilon, scale_cost=scale_cost)
     problem = linear_problem.LinearProblem(geometry, tau_a=tau_a, tau_b=tau_b)
@@ -154,7 +185,9 @@ def sample_plan(
         max_iterations=max_iterations,
         momentum=acceleration.Momentum(start=20, inner_iterations=10),
     )
-    plan = checked_plan(solver(problem).matrix, None if tau_a < 1.0 or tau_b < 1.0 else 0.5)
+    raw = solver(problem).matrix
+    usable = usable_plan(raw, None if tau_a < 1.0 or tau_b < 1.0 else 0.5)
+    plan = jnp.where(usable, raw, jnp.full_like(raw, 1.0 / raw.size))
     n = source.shape[0]
     key_rows, key_cols = jax.random.split(key)
     log_plan = jnp.log(jnp.maximum(plan, 1e-30))
@@ -163,7 +196,21 @@ def sample_plan(
     else:
         rows = jnp.arange(n)
     cols = jax.random.categorical(key_cols, log_plan[rows], axis=-1)
-    return source[rows], target[cols]
+    return (source[rows], target[cols], ~usable) if with_status else (source[rows], target[cols])
+
+
+def usable_plan(plan: jax.Array, tolerance: float | None = 0.5) -> jax.Array:
+    """Whether a Sinkhorn plan ``(n, m)`` of uniform marginals can be used (a boolean scalar).
+
+    ``tolerance`` bounds the relative error of the uniform marginals; ``None`` (unbalanced
+    problems) only asks for a finite, non-negative plan.
+    """
+    n, m = plan.shape
+    usable = jnp.all(jnp.isfinite(plan)) & jnp.all(plan >= 0)
+    if tolerance is not None:
+        rows, cols = plan.sum(axis=1) * n, plan.sum(axis=0) * m
+        usable = usable & (jnp.max(jnp.abs(rows - 1.0)) < tolerance) & (jnp.max(jnp.abs(cols - 1.0)) < tolerance)
+    return usable
 
 
 def checked_plan(plan: jax.Array, tolerance: float | None = 0.5) -> jax.Array:
@@ -171,15 +218,10 @@ def checked_plan(plan: jax.Array, tolerance: float | None = 0.5) -> jax.Array:
 
     Accelerated Sinkhorn occasionally diverges on a minibatch (NaN, or a finite plan whose
     marginals are far off). Its plan would poison the weights; one step with the independent
-    coupling of that batch does no harm. ``tolerance`` bounds the relative error of the
-    uniform marginals; ``None`` (unbalanced problems) only asks for a finite, non-negative plan.
+    coupling of that batch does no harm. See :func:`usable_plan` for ``tolerance``.
     """
     n, m = plan.shape
-    usable = jnp.all(jnp.isfinite(plan)) & jnp.all(plan >= 0)
-    if tolerance is not None:
-        rows, cols = plan.sum(axis=1) * n, plan.sum(axis=0) * m
-        usable = usable & (jnp.max(jnp.abs(rows - 1.0)) < tolerance) & (jnp.max(jnp.abs(cols - 1.0)) < tolerance)
-    return jnp.where(usable, plan, jnp.full_like(plan, 1.0 / (n * m)))
+    return jnp.where(usable_plan(plan, tolerance), plan, jnp.full_like(plan, 1.0 / (n * m)))
 
 
 def interpolate(key: jax.Array, x0: jax.Array, x1: jax.Array, config: FlowMatchingConfig):
@@ -249,8 +291,8 @@ def make_train_chunk(
         key_couple, key_path, key_model = jax.random.split(key, 3)
         start = batch.source if prior is None else jax.vmap(partial(push_group, prior))(batch.source, batch.group)
         # lax.map, not vmap: Sinkhorn's while loop would run every group to the slowest one.
-        x0, x1 = jax.lax.map(
-            lambda args: couple(*args, config), (jax.random.split(key_couple, groups), start, batch.target)
+        x0, x1, fell_back = jax.lax.map(
+            lambda args: couple(*args, config, with_status=True), (jax.random.split(key_couple, groups), start, batch.target)
         )
         t, x_t, u = jax.vmap(interpolate, in_axes=(0, 0, 0, None))(jax.random.split(key_path, groups), x0, x1, config)
 
@@ -262,7 +304,8 @@ def make_train_chunk(
         members, interaction = jax.vmap(group_velocity)(batch.condition, batch.source, t, x_t, jax.random.split(key_model, groups))
         flow = jnp.mean(jnp.sum((members + interaction - u) ** 2, axis=-1))
         penalty = jnp.mean(jnp.sum(interaction**2, axis=-1))
-        return flow + config.interaction_penalty * penalty, {"flow": flow, "interaction": penalty}
+        terms = {"flow": flow, "interaction": penalty, COUPLING_FALLBACK: jnp.mean(fell_back.astype(jnp.float32))}
+        return flow + config.interaction_penalty * penalty, terms
 
     def sample(arrays, key):
         return sample_batches(arrays, key, config.batch_size, config.conditions_per_step)
@@ -270,9 +313,14 @@ def make_train_chunk(
     return scanned_training_chunk(loss_fn, sample, optimizer, config.ema_decay, chunk, arrays, mesh)
 
 
+#: diffrax solvers of :func:`push` and :func:`integrate` by name (``tsit5`` and ``dopri5`` adaptive).
+SOLVERS = {"euler": diffrax.Euler, "heun": diffrax.Heun, "midpoint": diffrax.Midpoint, "tsit5": diffrax.Tsit5, "dopri5": diffrax.Dopri5}
+
+
 def _solver(name: str):
-    solvers = {"euler": diffrax.Euler, "heun": diffrax.Heun, "midpoint": diffrax.Midpoint, "tsit5": diffrax.Tsit5, "dopri5": diffrax.Dopri5}
-    return solvers[name]()
+    if name not in SOLVERS:
+        raise CellflowValueError(f"solver={name!r} is invalid; valid choices: {list(SOLVERS)}.")
+    return SOLVERS[name]()
 
 
 #: How the member fields of an additive field make a combination's prediction.

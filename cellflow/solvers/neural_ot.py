@@ -45,12 +45,14 @@ from ott.neural.networks import icnn, potentials
 from ott.problems.linear import linear_problem
 from ott.solvers.linear import acceleration, sinkhorn
 
+from cellflow._errors import CellflowValueError
 from cellflow.data import ConditionArrays, TrainingArrays, sample_batches
 from cellflow.nn import ResponseField
 from cellflow.solvers.flow_matching import checked_plan
 from cellflow.train import TrainState, ema_update, initial_state, scanned_training_chunk, shared_jit
 
 __all__ = [
+    "MAP_FITS",
     "DualConfig",
     "DualData",
     "MongeMapConfig",
@@ -69,6 +71,10 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------
 # Conditional Monge map
 # ---------------------------------------------------------------------------------------------
+#: How the conditional map is fitted (:class:`MongeMapConfig`'s ``fit``).
+MAP_FITS = ("sinkhorn_divergence", "barycentric")
+
+
 @dataclass(frozen=True)
 class MongeMapConfig:
     """Static hyper-parameters of the conditional map (hashable: part of the jit cache key).
@@ -102,6 +108,17 @@ class MongeMapConfig:
     fit: str = "sinkhorn_divergence"
     ema_decay: float = 0.999
     covariate_dropout: float = 0.1
+
+    def __post_init__(self):
+        if self.fit not in MAP_FITS:
+            raise CellflowValueError(f"MongeMapConfig: fit={self.fit!r} is invalid; valid choices: {list(MAP_FITS)}.")
+        if not self.epsilon > 0:
+            raise CellflowValueError(f"MongeMapConfig: epsilon={self.epsilon!r} must be > 0.")
+        if self.batch_size < 2 or self.conditions_per_step < 1:
+            raise CellflowValueError(
+                f"MongeMapConfig: batch_size={self.batch_size!r} must be >= 2 and conditions_per_step="
+                f"{self.conditions_per_step!r} >= 1."
+            )
 
 
 def map_cells(model: ResponseField, x: jax.Array, encoded, key: jax.Array | None = None) -> jax.Array:

@@ -38,7 +38,7 @@ from jax.sharding import Mesh
 
 from cellflow.data import ConditionArrays, TrainingArrays, sample_batches
 from cellflow.solvers.flow_matching import sample_plan
-from cellflow.train import scanned_training_chunk
+from cellflow.train import COUPLING_FALLBACK, scanned_training_chunk
 
 __all__ = ["BridgeConfig", "bridge_sample", "couple", "make_train_chunk", "push", "simulate"]
 
@@ -99,13 +99,18 @@ class BridgeConfig:
             raise ValueError(f"sigma={self.sigma!r} must be > 0 for a Schrödinger bridge.")
 
 
-def couple(key: jax.Array, source: jax.Array, target: jax.Array, config: BridgeConfig, length: jax.Array | float = 1.0):
-    """``(x0, x1)`` pairs ``(B, d)`` from the static bridge's coupling over an interval of ``length``."""
+def couple(
+    key: jax.Array, source: jax.Array, target: jax.Array, config: BridgeConfig, length: jax.Array | float = 1.0,
+    *, with_status: bool = False,
+):
+    """``(x0, x1)`` pairs ``(B, d)`` from the static bridge's coupling over an interval of ``length``
+    (with ``with_status``, also whether Sinkhorn failed: see :func:`~cellflow.solvers.flow_matching.sample_plan`)."""
     if config.coupling in ("independent", "aligned"):
-        return source, target
+        return (source, target, jnp.asarray(False)) if with_status else (source, target)
     return sample_plan(
         key, source, target, epsilon=2.0 * config.sigma**2 * length, scale_cost=1.0, tau_a=config.tau_a,
         tau_b=config.tau_b, max_iterations=config.sinkhorn_iterations, threshold=config.sinkhorn_threshold,
+        with_status=with_status,
     )
 
 
@@ -203,8 +208,8 @@ def make_train_chunk(
         key_couple, key_path, key_model = jax.random.split(key, 3)
         start, end = intervals[batch.group, 0], intervals[batch.group, 1]
         length = end - start
-        x0, x1 = jax.lax.map(
-            lambda args: couple(args[0], args[1], args[2], config, args[3]),
+        x0, x1, fell_back = jax.lax.map(
+            lambda args: couple(args[0], args[1], args[2], config, args[3], with_status=True),
             (jax.random.split(key_couple, groups), batch.source, batch.target, length),
         )
         sigma_interval = config.sigma * jnp.sqrt(length)
@@ -222,7 +227,8 @@ def make_train_chunk(
         # On the process's clock velocities scale by 1 / length; the score residual does not.
         flow = jnp.mean(jnp.sum((v * length[:, None, None] - velocity) ** 2, axis=-1))
         score = jnp.mean(jnp.sum((weight[..., None] * s * length[:, None, None] + noise) ** 2, axis=-1))
-        return flow + config.score_weight * score, {"flow": flow, "score": score}
+        terms = {"flow": flow, "score": score, COUPLING_FALLBACK: jnp.mean(fell_back.astype(jnp.float32))}
+        return flow + config.score_weight * score, terms
 
     return scanned_training_chunk(loss_fn, sample, optimizer, config.ema_decay, chunk, (arrays, populations), mesh)
 

@@ -2,10 +2,11 @@
 
 from cellflow.train._checkpoint import latest_checkpoint, restore_checkpoint, save_checkpoint
 from cellflow.train._compile import clear_compiled_programs, compilation_cache_dir, set_compilation_cache, shared_jit
-from cellflow.train._loop import LoopResult, chunk_size, run_training
+from cellflow.train._loop import COUPLING_FALLBACK, LoopResult, chunk_size, run_training
 from cellflow.train._state import GROUP_AXIS, TrainState, ema_update, group_mesh, initial_state, key_data, make_optimizer, scanned_training_chunk
 
 __all__ = [
+    "COUPLING_FALLBACK",
     "GROUP_AXIS",
     "LoopResult",
     "TrainState",

@@ -22,7 +22,13 @@ from cellflow._errors import CellflowValueError
 from cellflow.train._checkpoint import latest_checkpoint, restore_checkpoint, save_checkpoint
 from cellflow.train._state import TrainState
 
-__all__ = ["LoopResult", "chunk_size", "run_training"]
+__all__ = ["COUPLING_FALLBACK", "LoopResult", "chunk_size", "run_training"]
+
+#: Name of the training metric that gives the fraction of a step's minibatches whose OT coupling
+#: failed (Sinkhorn gave no usable plan) and were paired independently instead.
+COUPLING_FALLBACK = "coupling_fallback"
+#: Above this fraction of all batches, :func:`run_training` warns about failed couplings.
+FALLBACK_WARNING_FRACTION = 0.05
 
 
 @dataclass
@@ -148,6 +154,21 @@ def run_training(
             stopped = True
             break
     bar.close()
+    _warn_failed_couplings(history, description)
     if evaluate is None:
         best_ema = state.ema
     return LoopResult(state, best_ema, pd.DataFrame(history), stopped)
+
+
+def _warn_failed_couplings(history: list[dict], description: str) -> None:
+    """Warn when a sizeable share of the minibatch OT couplings failed (random pairs were used)."""
+    fractions = [row[COUPLING_FALLBACK] for row in history if COUPLING_FALLBACK in row]
+    if fractions and np.mean(fractions) > FALLBACK_WARNING_FRACTION:
+        warnings.warn(
+            f"{description}: the minibatch OT coupling failed in {np.mean(fractions):.0%} of the batches (Sinkhorn gave "
+            "no usable plan, usually because epsilon is too small for float32), and those batches were paired at "
+            "random, which generalises worse; raise the epsilon option or standardise the cells. The history's "
+            f"{COUPLING_FALLBACK!r} column gives the fraction per chunk.",
+            UserWarning,
+            stacklevel=4,
+        )
