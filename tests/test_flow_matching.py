@@ -66,6 +66,31 @@ def test_array_level_choices_are_validated_not_silently_replaced():
         diffusion.generate(None, None, jnp.zeros((2, 2)), None, None, jax.random.key(0), diffusion.DiffusionConfig(), sampler="ODE")
 
 
+def test_a_step_of_ones_own_loop_is_the_scanned_step():
+    from cellflow.data import build_training_arrays, make_embedding_table, prepare, sample_batches
+    from cellflow.methods import get_method
+    from cellflow.train import make_optimizer, step_keys
+
+    data = prepare(shift_data(n=60), rep="X")
+    embeddings = make_embedding_table(data.spec.vocabulary, None)
+    options = {**get_method("flow_matching").validate_options({}), "width": 16, "depth": 1, "token_dim": 8, "context_dim": 8}
+    model = get_method("flow_matching").build(data.spec, embeddings.dim, options)
+    optimizer = make_optimizer(1e-3, 6, warmup=2)
+    config = fm.FlowMatchingConfig(batch_size=16, conditions_per_step=2)
+    graphdef, start = fm.init_state(model, optimizer, jax.random.key(0))
+    arrays = build_training_arrays(data, embeddings)
+
+    scanned, scanned_metrics = fm.make_train_chunk(graphdef, optimizer, arrays, config, 3)(start)
+    step, state, losses = jax.jit(fm.make_step(graphdef, optimizer, config)), start, []
+    for _ in range(3):  # a hand-written loop that draws its batches as the scanned one does
+        state, metrics = step(state, sample_batches(arrays, step_keys(state)[0], config.batch_size, config.conditions_per_step))
+        losses.append(float(metrics["loss"]))
+    assert int(state.step) == 3
+    np.testing.assert_allclose(losses, np.asarray(scanned_metrics["loss"]), rtol=1e-5)
+    for mine, theirs in zip(jax.tree.leaves(state.params), jax.tree.leaves(scanned.params)):
+        np.testing.assert_allclose(np.asarray(mine), np.asarray(theirs), rtol=1e-4, atol=1e-6)
+
+
 def test_ot_coupling_recovers_a_permutation():
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(64, 3)), jnp.float32)

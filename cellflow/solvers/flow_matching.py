@@ -33,9 +33,9 @@ from cellflow._errors import CellflowValueError, format_choices
 from cellflow.data import ConditionArrays, TrainingArrays, sample_batches
 from cellflow.nn import ResponseField
 from cellflow.solvers.baselines import AffineResponse, push_group
-from cellflow.train import COUPLING_FALLBACK, TrainState, initial_state, scanned_training_chunk, shared_jit
+from cellflow.train import COUPLING_FALLBACK, TrainState, initial_state, scanned_training_chunk, shared_jit, training_step
 
-__all__ = ["COMBINE_RULES", "COUPLINGS", "PATHS", "SOLVERS", "FlowMatchingConfig", "checked_plan", "couple", "sample_plan", "usable_plan", "energy_distance", "interpolate", "make_train_chunk", "push", "init_state", "integrate"]
+__all__ = ["COMBINE_RULES", "COUPLINGS", "PATHS", "SOLVERS", "FlowMatchingConfig", "checked_plan", "couple", "sample_plan", "usable_plan", "energy_distance", "interpolate", "make_train_chunk", "make_step", "flow_matching_loss", "push", "init_state", "integrate"]
 
 
 PATHS = ("straight", "brownian", "smoothed")
@@ -268,21 +268,20 @@ def init_state(model: ResponseField, optimizer: optax.GradientTransformation, ke
     return graphdef, initial_state(params, optimizer.init, key)
 
 
-def make_train_chunk(
-    graphdef: Any,
-    optimizer: optax.GradientTransformation,
-    arrays: TrainingArrays,
-    config: FlowMatchingConfig,
-    chunk: int,
-    prior: AffineResponse | None = None,
-    mesh: Mesh | None = None,
-):
-    """A jitted ``state -> (state, {"loss": (chunk,)})`` running ``chunk`` flow-matching steps.
+def flow_matching_loss(graphdef: Any, config: FlowMatchingConfig, prior: AffineResponse | None = None):
+    """``loss_fn(params, batch, key) -> (loss, terms)`` of flow matching on a batch of condition groups.
+
+    ``batch`` is a :class:`cellflow.data.sample_batches` batch: ``source`` and ``target``
+    ``(G, B, d)``, ``condition`` (:class:`ConditionArrays` with a leading group axis) and
+    ``group`` ``(G,)``. Each group's cells are coupled (:func:`couple`), points and target
+    velocities drawn on the path (:func:`interpolate`), and the loss is the mean squared error
+    of the summed member and interaction fields plus ``interaction_penalty`` times the
+    interaction field's mean square. ``terms`` holds ``flow``, ``interaction`` and
+    ``coupling_fallback`` (the fraction of groups whose OT coupling failed).
 
     With a ``prior`` (per-group affine displacements of a baseline), the flow starts from the
     baseline's prediction ``prior_g(x0)`` instead of the control cells ``x0`` and learns only
-    what the baseline misses; the population encoder still sees the control cells. With a
-    ``mesh`` (:func:`cellflow.train.group_mesh`) each step's groups are split over its devices.
+    what the baseline misses; the population encoder still sees the control cells.
     """
 
     def loss_fn(params, batch, key):
@@ -306,6 +305,45 @@ def make_train_chunk(
         penalty = jnp.mean(jnp.sum(interaction**2, axis=-1))
         terms = {"flow": flow, "interaction": penalty, COUPLING_FALLBACK: jnp.mean(fell_back.astype(jnp.float32))}
         return flow + config.interaction_penalty * penalty, terms
+
+    return loss_fn
+
+
+def make_step(
+    graphdef: Any, optimizer: optax.GradientTransformation, config: FlowMatchingConfig, prior: AffineResponse | None = None
+):
+    """A pure ``step(state, batch) -> (state, metrics)``: one flow-matching step on a batch you give.
+
+    For training loops of your own (your sampler, your sharding, ``jax.jit`` or ``lax.scan``
+    around it); :func:`make_train_chunk` is the same step scanned over batches it samples
+    itself. ``batch`` as in :func:`flow_matching_loss`, e.g. from
+    ``cellflow.data.sample_batches(arrays, key, config.batch_size, config.conditions_per_step)``.
+
+    Examples
+    --------
+    >>> graphdef, state = init_state(model, optimizer, jax.random.key(0))  # doctest: +SKIP
+    >>> step = jax.jit(make_step(graphdef, optimizer, config))  # doctest: +SKIP
+    >>> state, metrics = step(state, sample_batches(arrays, key, 256, 4))  # doctest: +SKIP
+    """
+    return training_step(flow_matching_loss(graphdef, config, prior), optimizer, config.ema_decay)
+
+
+def make_train_chunk(
+    graphdef: Any,
+    optimizer: optax.GradientTransformation,
+    arrays: TrainingArrays,
+    config: FlowMatchingConfig,
+    chunk: int,
+    prior: AffineResponse | None = None,
+    mesh: Mesh | None = None,
+):
+    """A jitted ``state -> (state, {"loss": (chunk,), ...})`` running ``chunk`` flow-matching steps.
+
+    Each step samples its batch from ``arrays`` and runs :func:`make_step`'s step; ``prior`` as
+    in :func:`flow_matching_loss`. With a ``mesh`` (:func:`cellflow.train.group_mesh`) each
+    step's groups are split over its devices.
+    """
+    loss_fn = flow_matching_loss(graphdef, config, prior)
 
     def sample(arrays, key):
         return sample_batches(arrays, key, config.batch_size, config.conditions_per_step)

@@ -13,7 +13,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from cellflow._errors import CellflowValueError
 from cellflow.train._compile import shared_jit
 
-__all__ = ["GROUP_AXIS", "TrainState", "group_mesh", "make_optimizer", "ema_update", "scanned_training_chunk"]
+__all__ = ["GROUP_AXIS", "TrainState", "group_mesh", "make_optimizer", "ema_update", "scanned_training_chunk", "training_step"]
 
 #: Name of the mesh axis over which a training step's condition groups are split.
 GROUP_AXIS = "groups"
@@ -133,6 +133,40 @@ def group_mesh(n_groups: int, devices: int | Sequence[jax.Device] | None = None)
     return None if len(chosen) == 1 else Mesh(chosen, (GROUP_AXIS,))
 
 
+def step_keys(state: TrainState) -> tuple[jax.Array, jax.Array]:
+    """``(key_batch, key_loss)`` of the step ``state.step``: from ``fold_in(state.key, state.step)``."""
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
+    return tuple(jax.random.split(key))
+
+
+def training_step(
+    loss_fn: Callable[[Any, Any, jax.Array], tuple[jax.Array, Mapping[str, jax.Array]]],
+    optimizer: optax.GradientTransformation,
+    ema_decay: float,
+    gradients: Callable | None = None,
+) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]]:
+    """A pure ``step(state, batch) -> (state, metrics)``: one optimiser step on a given batch.
+
+    Differentiates ``loss_fn(params, batch, key) -> (loss, {name: scalar})`` with the step's
+    loss key (:func:`step_keys`), applies the optax update and the EMA, and returns the new
+    state with ``{"loss": loss, **terms}``. Jit it, scan it, or call it from your own loop with
+    batches of your own (e.g. :func:`cellflow.data.sample_batches`);
+    :func:`scanned_training_chunk` scans it over batches it samples itself. ``gradients``
+    replaces ``jax.value_and_grad(loss_fn, has_aux=True)`` (e.g. a ``shard_map`` of it).
+    """
+    gradients = gradients or jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, jax.Array]]:
+        _, key_loss = step_keys(state)
+        (loss, terms), grads = gradients(state.params, batch, key_loss)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = ema_update(state.ema, params, ema_decay, state.step)
+        return TrainState(params, ema, opt_state, state.step + 1, state.key), {"loss": loss, **terms}
+
+    return step
+
+
 def scanned_training_chunk(
     loss_fn: Callable[[Any, Any, jax.Array], tuple[jax.Array, Mapping[str, jax.Array]]],
     sample: Callable[[Any, jax.Array], Any],
@@ -162,7 +196,7 @@ def scanned_training_chunk(
     given number of devices; they differ from a single device's only through the keys.
     """
     value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
-    gradients = value_and_grad
+    gradients = None
     replicated = None if mesh is None else NamedSharding(mesh, PartitionSpec())
     if mesh is not None:
         def local_gradients(params, batch, key):
@@ -175,14 +209,11 @@ def scanned_training_chunk(
         )
         data = jax.device_put(data, replicated)
 
+    update = training_step(loss_fn, optimizer, ema_decay, gradients)
+
     def step(data, state: TrainState):
-        key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
-        key_batch, key_loss = jax.random.split(key)
-        (loss, terms), grads = gradients(state.params, sample(data, key_batch), key_loss)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        ema = ema_update(state.ema, params, ema_decay, state.step)
-        return TrainState(params, ema, opt_state, state.step + 1, state.key), {"loss": loss, **terms}
+        key_batch, _ = step_keys(state)
+        return update(state, sample(data, key_batch))
 
     def scan_steps(state: TrainState, data: Any):
         return jax.lax.scan(lambda state, _: step(data, state), state, None, length=chunk)
