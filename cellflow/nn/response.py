@@ -97,6 +97,14 @@ class _ConditionedMLP(nnx.Module):
 class ResponseField(nnx.Module):
     """Condition encoder, population encoder and additive velocity field in one module.
 
+    The flow-matching solver (:mod:`cellflow.solvers.flow_matching`) talks to it through
+    :meth:`encode` (condition, covariates and source population -> :class:`Encoded`),
+    :meth:`velocity_terms` (training: the summed member fields and the interaction field at
+    ``(t, x)``), :meth:`__call__` (their sum, for sampling) and, for ``combine="displacements"``
+    or ``"members"`` with ``field="additive"``, :meth:`member_velocities` and
+    :meth:`interaction_velocity`. A module of your own that provides these (e.g. a subclass
+    replacing the population encoder) trains and predicts with the same solver.
+
     Parameters
     ----------
     n_features
