@@ -346,6 +346,9 @@ def test_training_stops_with_a_clear_error_when_the_loss_diverges():
 
     with pytest.raises(cf.CellflowValueError, match=r"toy diverged: the loss is nan in steps 11-20.*learning_rate"):
         run_training(diverging_chunk, state, 50, 10, progress=False, description="toy")
+    # a chunk built for another number of steps than run_training is told would overshoot
+    with pytest.raises(cf.CellflowValueError, match=r"train_chunk ran 10 steps per call but run_training was given chunk=20"):
+        run_training(diverging_chunk, state, 60, 20, progress=False, description="toy")
 
 
 def test_fit_runs_exactly_the_requested_number_of_steps():

@@ -127,8 +127,15 @@ def run_training(
     bar.set_postfix_str("compiling")
     clock = time.perf_counter()
     while int(state.step) < n_chunks * chunk:
+        before = int(state.step)
         state, metrics = train_chunk(state)
         step = int(state.step)
+        if step - before != chunk:
+            bar.close()
+            raise CellflowValueError(
+                f"train_chunk ran {step - before} steps per call but run_training was given chunk={chunk}; "
+                "build the chunk with the same number of steps (cellflow.train.chunk_size(steps, ...))."
+            )
         row = {"step": step, **{k: float(np.mean(v)) for k, v in metrics.items()}}
         # reading the losses above waited for the chunk, so this is its true end time
         row["seconds"] = time.perf_counter() - clock
