@@ -153,7 +153,9 @@ def run_training(
             else:
                 waited += 1
         history.append(row)
-        bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k != "step"}, refresh=False)
+        # the share of failed couplings is shown only when it matters (it is in the history anyway)
+        shown = {k: v for k, v in row.items() if k != "step" and (k != COUPLING_FALLBACK or v > FALLBACK_WARNING_FRACTION)}
+        bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
         bar.update(chunk)
         if checkpoint_dir is not None and (step % checkpoint_every < chunk or step >= n_chunks * chunk):
             save_checkpoint(checkpoint_dir, state, history, run)
