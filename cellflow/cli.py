@@ -101,9 +101,13 @@ def _check_out_dir(path: str, overwrite: bool) -> None:
     created (the nearest existing folder above it must be writable; missing folders are created)."""
     from cellflow._errors import CellflowValueError
 
+    from cellflow.model import replaceable_model_path
+
     out = Path(path).absolute()
     if out.exists() and not overwrite:
         raise FileExistsError(f"--out {path!r} exists; pass --overwrite to replace it.")
+    if out.exists() and not replaceable_model_path(out):
+        raise FileExistsError(f"--out {path!r} exists and is not a saved cellflow model, so --overwrite does not replace it.")
     folder = next(p for p in out.parents if p.exists())
     if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
         raise CellflowValueError(f"--out {path!r}: {str(folder)!r} is not a writable folder, so the model cannot be saved there.")

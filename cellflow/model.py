@@ -7,7 +7,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,12 @@ _FORMAT_VERSION = 1
 _CONFIG_FILE = "cellflow.json"
 _STATE_FILE = "state.npz"
 _EMBEDDINGS_FILE = "embeddings.npy"
+
+
+def replaceable_model_path(path: str | os.PathLike) -> bool:
+    """Whether ``save(path, overwrite=True)`` may replace what is at ``path``: a saved model or an empty directory."""
+    path = Path(path)
+    return path.is_dir() and ((path / _CONFIG_FILE).exists() or not any(path.iterdir()))
 
 
 class ResponseModel:
@@ -240,14 +246,18 @@ class ResponseModel:
                 columns.append([None if missing else str(v) for v, missing in zip(column, column.isna())])
             else:
                 columns.append([None] * n)
-        self._warn_unseen_covariates(columns)
+        in_obs = {k for k in keys if k in covariates or (isinstance(source, ad.AnnData) and k in source.obs.columns)}
+        self._warn_unseen_covariates(columns, in_obs)
         return list(zip(*columns)) if keys else [()] * n
 
-    def _warn_unseen_covariates(self, columns: list[list[str | None]]) -> None:
-        """Warn about covariates that are missing or hold values absent from the training data (a new patient, a typo)."""
+    def _warn_unseen_covariates(self, columns: list[list[str | None]], given: set[str]) -> None:
+        """Warn about covariates that are missing or hold values absent from the training data (a new patient, a typo).
+
+        ``given``: the keys given in ``covariates=`` or present as ``source.obs`` columns.
+        """
         for key, column in zip(self.spec_.covariate_keys, columns):
             seen = self.spec_.covariate_values[key]
-            if column and all(v is None for v in column):
+            if column and all(v is None for v in column) and key not in given:
                 warnings.warn(
                     f"covariate {key!r} is neither given in covariates= nor a column of source.obs, so every source "
                     f"cell is predicted as of an unknown {key}; pass covariates={{{key!r}: value}} "
@@ -375,8 +385,8 @@ class ResponseModel:
     @staticmethod
     def _perturbation_labels(perturbation: Any) -> list[str]:
         """``perturbation`` as a list of labels; scalars such as ``1`` (integer labels) become ``"1"``."""
-        if isinstance(perturbation, (list, tuple, np.ndarray, pd.Series, pd.Index)):
-            labels = list(perturbation)
+        if isinstance(perturbation, Iterable) and not isinstance(perturbation, (str, bytes)):
+            labels = list(perturbation)  # lists, arrays, obs[...].unique() (categoricals), sets, generators
         else:
             labels = [perturbation]
         if not labels:
@@ -390,7 +400,7 @@ class ResponseModel:
         """Predictions start from the source as if untreated: say so when ``source.obs`` says otherwise."""
         if not isinstance(source, ad.AnnData) or self.perturbation_key not in source.obs.columns:
             return
-        labels = source.obs[self.perturbation_key].astype(str).str.strip()
+        labels = source.obs[self.perturbation_key].dropna().astype(str).str.strip()
         treated = labels[labels != self.control]
         if len(treated):
             warnings.warn(
@@ -497,7 +507,7 @@ class ResponseModel:
         path = Path(path)
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
-        if path.exists() and not (path.is_dir() and ((path / _CONFIG_FILE).exists() or not any(path.iterdir()))):
+        if path.exists() and not replaceable_model_path(path):
             raise FileExistsError(
                 f"{path} exists and is not a saved cellflow model ({_CONFIG_FILE} missing), so overwrite=True does "
                 "not replace it; choose another path."

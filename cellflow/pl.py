@@ -40,8 +40,8 @@ def embedding(
         ``{label: cells}``, each an AnnData (read in ``rep``) or an ``(n, d)`` array, e.g.
         ``{"control": ..., "observed": ..., "predicted": ...}``.
     rep
-        Representation of AnnData inputs; ``None``: each one's own (a prediction's is the one it
-        was predicted in, ``uns["cellflow"]["rep"]``), else ``"X"``.
+        Representation of every AnnData input; ``None``: the one the first prediction among them
+        was predicted in (``uns["cellflow"]["rep"]``), else ``"X"``.
     fit_on
         Label whose cells define the principal axes (default: all populations pooled).
     ax
@@ -53,13 +53,13 @@ def embedding(
     -------
     The axes.
     """
-    arrays = {
-        k: get_representation(v, rep or default_representation(v)) if isinstance(v, ad.AnnData) else np.asarray(v, np.float32)
-        for k, v in populations.items()
-    }
+    if rep is None:  # every population in one space: the first prediction's, else X
+        recorded = [default_representation(v) for v in populations.values() if isinstance(v, ad.AnnData) and "cellflow" in v.uns]
+        rep = recorded[0] if recorded else "X"
+    arrays = {k: get_representation(v, rep) if isinstance(v, ad.AnnData) else np.asarray(v, np.float32) for k, v in populations.items()}
     widths = {k: v.shape[1] if v.ndim == 2 else v.shape for k, v in arrays.items()}
     if len(set(widths.values())) > 1:
-        raise CellflowValueError(f"populations must have the same number of features; got {widths}.")
+        raise CellflowValueError(f"populations must have the same number of features (AnnData read in rep={rep!r}); got {widths}.")
     if fit_on is not None and fit_on not in arrays:
         raise CellflowKeyError(f"fit_on={fit_on!r} is not a population; valid choices: {format_choices(arrays)}.")
     basis = arrays[fit_on] if fit_on else np.concatenate(list(arrays.values()))

@@ -141,6 +141,11 @@ def test_cli_refuses_unwritable_outputs_before_working(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err and not missing.parent.exists()
     assert main(["bench", str(data), "--hold-out-conditions", "A+B", "--out", str(missing.with_suffix(".csv"))]) == 2
     assert "does not exist" in capsys.readouterr().err
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "notes.txt").write_text("keep")
+    assert main(["train", str(data), "--out", str(results), "--overwrite", "--rep", "X", "--method", "mean_shift"]) == 2
+    assert "is not a saved cellflow model" in capsys.readouterr().err and (results / "notes.txt").read_text() == "keep"
 
 
 def _bench(capsys, argv, quiet=True):

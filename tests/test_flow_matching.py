@@ -492,3 +492,23 @@ def test_combine_auto_keeps_the_trained_flow_for_seen_combinations_and_adds_disp
         cf.ResponseModel(adata, rep="X", method="flow_matching", combine="sum")
     with pytest.raises(cf.CellflowValueError, match=r"unseen_interaction='no'.*valid choices: \[True, False\]"):
         cf.ResponseModel(adata, rep="X", method="flow_matching", unseen_interaction="no")
+
+
+def test_checkpoints_without_a_run_description_still_restore(tmp_path):
+    import orbax.checkpoint as ocp
+
+    from cellflow.train import TrainState, restore_checkpoint, save_checkpoint
+
+    state = TrainState(params={"w": jnp.ones(3)}, ema={"w": jnp.ones(3)}, opt_state=(), step=jnp.array(5),
+                       key=jax.random.key_data(jax.random.key(0)))
+    options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
+    with ocp.CheckpointManager((tmp_path / "old").absolute(), options=options, item_names=("state", "history")) as manager:
+        manager.save(5, args=ocp.args.Composite(state=ocp.args.StandardSave(jax.tree.map(np.asarray, state)),
+                                                history=ocp.args.JsonSave([{"step": 5}])))
+        manager.wait_until_finished()
+    restored, history = restore_checkpoint(tmp_path / "old", state, {"width": 16})  # written before runs were described
+    assert int(restored.step) == 5 and history == [{"step": 5}]
+    save_checkpoint(tmp_path / "new", state, [{"step": 5}], {"width": 16})
+    assert int(restore_checkpoint(tmp_path / "new", state, {"width": 16})[0].step) == 5
+    with pytest.raises(cf.CellflowValueError, match=r"width: 16 there, 32 now"):
+        restore_checkpoint(tmp_path / "new", state, {"width": 32})

@@ -197,6 +197,22 @@ def test_evaluate_and_plots_read_a_prediction_in_the_representation_it_was_made_
     cf.pl.embedding({"predicted": pred, "observed": truth.obsm["X_pca"]})
     with pytest.raises(cf.CellflowValueError, match="same number of features"):
         cf.pl.embedding({"predicted": pred, "observed": truth.X[:, :2]})
+    # every AnnData is read in the prediction's space, even when X has the same width
+    shifted = truth.copy()
+    shifted.obsm["X_pca"] = shifted.obsm["X_pca"] + 100.0
+    ax = cf.pl.embedding({"observed": shifted, "predicted": pred})
+    observed_points = ax.collections[0].get_offsets()
+    reference = cf.pl.embedding({"observed": shifted.obsm["X_pca"], "predicted": pred.obsm["X_pca"]}).collections[0].get_offsets()
+    np.testing.assert_allclose(np.asarray(observed_points), np.asarray(reference), atol=1e-4)
+
+
+def test_predict_takes_any_iterable_of_conditions(toy):
+    model = cf.ResponseModel(toy, rep="X", method="mean_shift").fit()
+    source = toy[toy.obs.condition == "control"][:5]
+    singles = toy[toy.obs.condition.isin(["A", "B"]).to_numpy()].obs.condition  # categorical
+    expected = model.predict(source, ["A", "B"]).X
+    for conditions in (singles.unique(), singles.astype("string").unique(), {"A": 1, "B": 2}.keys(), (c for c in "AB")):
+        np.testing.assert_array_equal(model.predict(source, conditions).X, expected)
 
 
 def test_training_curve_draws_the_losses_not_the_clock():

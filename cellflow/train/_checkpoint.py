@@ -63,8 +63,10 @@ def restore_checkpoint(
     """
     with _manager(directory) as manager:
         step = manager.latest_step()
-        saved_run = manager.restore(step, args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"] or {}
-        if run is not None:
+        # checkpoints written before runs were described hold no "run" item: nothing to compare
+        has_run = (Path(directory).absolute() / str(step) / "run").exists()
+        saved_run = manager.restore(step, args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"] if has_run else None
+        if run is not None and saved_run:
             differing = sorted(k for k in set(run) | set(saved_run) if saved_run.get(k) != run.get(k))
             if differing:
                 details = "; ".join(f"{k}: {saved_run.get(k)!r} there, {run.get(k)!r} now" for k in differing[:5])

@@ -175,8 +175,9 @@ def _warn_failed_couplings(history: list[dict], description: str) -> None:
     if fractions and np.mean(fractions) > FALLBACK_WARNING_FRACTION:
         warnings.warn(
             f"{description}: the minibatch OT coupling failed in {np.mean(fractions):.0%} of the batches (Sinkhorn gave "
-            "no usable plan, usually because epsilon is too small for float32), and those batches were paired at "
-            "random, which generalises worse; raise the epsilon option or standardise the cells. The history's "
+            "no usable plan, usually because its regularisation is too small for float32), and those batches were "
+            "paired at random, which generalises worse; raise the epsilon option (for the Schrödinger bridge, sigma) "
+            "or standardise the cells. The history's "
             f"{COUPLING_FALLBACK!r} column gives the fraction per chunk.",
             UserWarning,
             stacklevel=4,
