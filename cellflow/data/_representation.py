@@ -56,9 +56,8 @@ def get_representation(adata: ad.AnnData, rep: str = "X", *, dtype=np.float32, c
         )
     if matrix is None:
         others = [r for r in available_representations(adata) if r != "X"]
-        raise CellflowValueError(
-            f"rep={rep!r} is empty (adata.X is None); valid choices: {format_choices(others)}."
-        )
+        choices = f"valid choices: {format_choices(others)}" if others else "this AnnData holds no other representation"
+        raise CellflowValueError(f"rep={rep!r} is empty (adata.X is None); {choices}.")
     if sp.issparse(matrix):
         array = np.asarray(matrix.toarray(), dtype=dtype)
     elif hasattr(matrix, "to_numpy"):  # obsm entries may be DataFrames
