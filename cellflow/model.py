@@ -306,7 +306,7 @@ class ResponseModel:
         dose
             Models with a ``dose_key`` only: a positive number (every member), ``"1.0+0.5"``
             (aligned with the members as written), or a list aligned with ``perturbation``;
-            ``None`` is dose 1 for every member.
+            ``None`` is dose 1 for every member (with a warning on models with a ``dose_key``).
         covariates
             ``{key: value}`` applied to every source cell (and written to the output's ``obs``);
             values may be unseen. Keys not given are read per cell from ``source.obs`` when
@@ -363,6 +363,14 @@ class ResponseModel:
                 self.embeddings_.index(member)  # raises for unknown perturbations without embedding
         times = self._times(time)
         cell_covariates = self._source_covariates(source, covariates)
+        undosed = [p for p, d in zip(perturbations, doses) if d is None and p.strip() != self.control]
+        if self.spec_.dose_key is not None and undosed:
+            warnings.warn(
+                f"no dose given for {format_choices(sorted(set(undosed)))}, so they are predicted at dose 1 (for "
+                f"each member, the nearest dose seen in training on a log scale); pass dose= to choose.",
+                UserWarning,
+                stacklevel=2,
+            )
         groups: dict[tuple, list[int]] = {}
         for i, values in enumerate(cell_covariates):
             groups.setdefault(values, []).append(i)

@@ -144,7 +144,7 @@ def test_gaussian_ot_combination_adds_displacements(toy):
 def test_identity_returns_source(toy):
     model = fit_toy(toy, "identity")
     source = source_of(toy, "P1")
-    np.testing.assert_array_equal(model.predict(source, "A").X, source.X)
+    np.testing.assert_array_equal(model.predict(source, "A", dose=1.0).X, source.X)
 
 
 def test_mean_shift_member_never_seen_alone():
@@ -153,7 +153,7 @@ def test_mean_shift_member_never_seen_alone():
     adata.obs["dose"] = np.where(adata.obs["condition"] == "B+C", "1+1", adata.obs["dose"].astype(str))
     model = fit_toy(adata, data=adata)
     with pytest.raises(cf.CellflowKeyError, match=r"'C' \(in 'A\+C'\) was never observed alone"):
-        model.predict(source_of(adata, "P1"), "A+C")
+        model.predict(source_of(adata, "P1"), "A+C", dose="1+1")
 
 
 def test_baselines_predict_an_unseen_perturbation_from_its_nearest_embeddings(toy):
@@ -175,7 +175,7 @@ def test_baselines_predict_an_unseen_perturbation_from_its_nearest_embeddings(to
     np.testing.assert_allclose(shift("B+C", "1+1"), SHIFTS[("B", "P2")] + SHIFTS[("A", "P2")], atol=1e-5)
     # without a vector there is still nothing to go on
     with pytest.raises(cf.CellflowKeyError, match="'E' was not seen in training and has no entry in perturbation_embeddings"):
-        model.predict(source, "E")
+        model.predict(source, "E", dose=1.0)
 
 
 def test_one_hot_codes_never_stand_in_for_a_member_seen_only_in_combinations():
@@ -185,4 +185,4 @@ def test_one_hot_codes_never_stand_in_for_a_member_seen_only_in_combinations():
     model = fit_toy(adata, data=adata)
     assert cf.data.embedding_neighbours(cf.data.parse_condition("A+C", "1+1", control="control", dose_key="dose"), model.spec_.group_conditions, model.embeddings_) == {}
     with pytest.raises(cf.CellflowKeyError, match="give it a vector in perturbation_embeddings"):
-        model.predict(source_of(adata, "P1"), "A+C")
+        model.predict(source_of(adata, "P1"), "A+C", dose="1+1")

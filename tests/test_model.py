@@ -228,3 +228,11 @@ def test_training_curve_draws_the_losses_not_the_clock():
     assert cf.pl.training_curve(signed).get_yscale() == "linear"
     with pytest.raises(cf.CellflowKeyError, match=r"columns \['lr'\].*valid choices"):
         cf.pl.training_curve(history, columns=["lr"])
+
+
+def test_a_dose_model_asked_without_a_dose_says_which_dose_it_uses(toy):
+    model = cf.ResponseModel(toy, rep="X", dose_key="dose", method="mean_shift").fit()
+    source = toy[toy.obs.condition == "control"][:5]
+    with pytest.warns(UserWarning, match=r"no dose given for \['A'\], so they are predicted at dose 1"):
+        undosed = model.predict(source, "A")
+    np.testing.assert_array_equal(undosed.X, model.predict(source, "A", dose=1.0).X)

@@ -129,11 +129,11 @@ def test_predict_errors(adata):
         model.predict(source, "A")
     model.fit()
     with pytest.raises(cf.CellflowKeyError, match=r"perturbation 'Z'.*no entry in perturbation_embeddings.*'A', 'B'"):
-        model.predict(source, "A+Z")
+        model.predict(source, "A+Z", dose="1+1")
     with pytest.raises(cf.CellflowValueError, match=r"source has 2 features.*trained on 3.*\(n, 3\)"):
         model.predict(np.zeros((5, 2)), "A")
     with pytest.raises(cf.CellflowKeyError, match=r"covariates key 'donor'.*valid choices.*'patient'"):
-        model.predict(source, "A", covariates={"donor": "P1"})
+        model.predict(source, "A", dose=1.0, covariates={"donor": "P1"})
     with pytest.raises(cf.CellflowValueError, match=r"dose 'x'.*'A'"):
         model.predict(source, "A", dose="x")
     with pytest.raises(cf.CellflowValueError, match="dose has 2 entries but perturbation has 1"):
