@@ -31,6 +31,22 @@ def _held_out_pairs(truth: datasets.SyntheticTruth, combinations: list[str]) -> 
     return chosen or combinations[:1]
 
 
+def held_out_tasks(adata, truth: datasets.SyntheticTruth) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """The demo's split of synthetic data: ``(conditions, task, held_combos)``.
+
+    ``conditions`` is each cell's canonical condition (``""`` for controls), ``task`` each
+    cell's held-out task (``""`` for training cells): one synergistic and one additive pair for
+    every patient (``held_combos``), and every treated cell of the last patient.
+    """
+    conditions = parse_obs_conditions(adata, "condition", "control").labels()
+    held_combos = _held_out_pairs(truth, sorted({c for c in conditions if "+" in c}))
+    new_patient = truth.patients[-1]
+    patient = adata.obs["patient"].astype(str).to_numpy()
+    task = np.where(np.isin(conditions, held_combos), "held-out combinations", "")
+    task = np.where((task == "") & (patient == new_patient) & (conditions != ""), f"unseen patient ({new_patient})", task)
+    return conditions, task, held_combos
+
+
 def run_demo(
     out_dir: str | Path | None = "cellflow_demo",
     *,
@@ -90,12 +106,7 @@ def run_demo(
     methods = tuple(dict.fromkeys(methods or (*BASELINES, "gaussian_ot", best)))
     patients = list(truth.patients)
     new_patient = patients[-1]
-    conditions = parse_obs_conditions(adata, "condition", "control").labels()
-    combinations = sorted({c for c in conditions if "+" in c})
-    held_combos = _held_out_pairs(truth, combinations)
-    patient = adata.obs["patient"].astype(str).to_numpy()
-    task = np.where(np.isin(conditions, held_combos), "held-out combinations", "")
-    task = np.where((task == "") & (patient == new_patient) & (conditions != ""), f"unseen patient ({new_patient})", task)
+    conditions, task, held_combos = held_out_tasks(adata, truth)
     split = holdout(adata, task != "", covariate_keys=("patient",))
     say(
         f"synthetic data: {adata.n_obs} cells x {adata.n_vars} features, {len(set(conditions)) - 1} conditions, "

@@ -218,17 +218,11 @@ def _bench_model_args(args, synthetic: bool) -> dict[str, Any]:
 
 def _synthetic_split(adata: ad.AnnData, truth: Any) -> Any:
     """The demo's split: a synergistic and an additive pair for every patient, and every treated cell of the last patient."""
-    import numpy as np
-
     import cellflow as cf
-    from cellflow._demo import _held_out_pairs
+    from cellflow._demo import held_out_tasks
 
-    conditions = cf.data.parse_obs_conditions(adata, "condition", "control")
-    labels = conditions.labels()
-    pairs = _held_out_pairs(truth, sorted({c for c in labels if "+" in c}))
-    new_patient = (adata.obs["patient"].astype(str) == truth.patients[-1]).to_numpy()
-    mask = np.isin(labels, pairs) | (new_patient & ~conditions.is_control)
-    return cf.data.holdout(adata, mask, covariate_keys=("patient",))
+    _, task, _ = held_out_tasks(adata, truth)
+    return cf.data.holdout(adata, task != "", covariate_keys=("patient",))
 
 
 def _bench_split(args, adata: ad.AnnData, model_args: dict[str, Any]) -> tuple[Any, str]:

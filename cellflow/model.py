@@ -236,7 +236,7 @@ class ResponseModel:
                 f"covariates key {unknown[0]!r} is not a covariate of this model; valid choices: {format_choices(keys)}."
             )
         n = source.n_obs if isinstance(source, ad.AnnData) else len(source)
-        columns = []
+        columns, given = [], set()
         for key in keys:
             if key in covariates:
                 columns.append([str(covariates[key])] * n)
@@ -246,8 +246,9 @@ class ResponseModel:
                 columns.append([None if missing else str(v) for v, missing in zip(column, column.isna())])
             else:
                 columns.append([None] * n)
-        in_obs = {k for k in keys if k in covariates or (isinstance(source, ad.AnnData) and k in source.obs.columns)}
-        self._warn_unseen_covariates(columns, in_obs)
+                continue
+            given.add(key)
+        self._warn_unseen_covariates(columns, given)
         return list(zip(*columns)) if keys else [()] * n
 
     def _warn_unseen_covariates(self, columns: list[list[str | None]], given: set[str]) -> None:
@@ -363,7 +364,7 @@ class ResponseModel:
                 self.embeddings_.index(member)  # raises for unknown perturbations without embedding
         times = self._times(time)
         cell_covariates = self._source_covariates(source, covariates)
-        undosed = [p for p, d in zip(perturbations, doses) if d is None and p.strip() != self.control]
+        undosed = [c.label for c, d in zip(conditions, doses) if d is None and not c.is_control]
         if self.spec_.dose_key is not None and undosed:
             warnings.warn(
                 f"no dose given for {format_choices(sorted(set(undosed)))}, so they are predicted at dose 1 (for "

@@ -10,6 +10,7 @@ import pandas as pd
 
 from cellflow._errors import CellflowKeyError, CellflowValueError, format_choices
 from cellflow.data import default_representation, get_representation
+from cellflow.train import COUPLING_FALLBACK
 
 __all__ = ["embedding", "metric_bars", "retrieval", "training_curve", "trajectories"]
 
@@ -142,7 +143,7 @@ def training_curve(history: pd.DataFrame, *, columns: Sequence[str] | None = Non
     if history.empty:
         raise CellflowKeyError("history is empty: the model has no training curve (closed-form methods have none).")
     if columns is None:  # the losses: not the step, the clock or the share of failed couplings
-        columns = [c for c in history.columns if c not in ("step", "seconds", "coupling_fallback")]
+        columns = [c for c in history.columns if c not in ("step", "seconds", COUPLING_FALLBACK)]
     else:
         columns = list(columns)
         unknown = [c for c in columns if c not in history.columns]

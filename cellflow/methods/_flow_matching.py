@@ -26,7 +26,7 @@ from cellflow.data import (
 from cellflow.methods._base import Method, Option
 from cellflow.methods._baselines import GaussianOT, MeanShift
 from cellflow.nn import ResponseField
-from cellflow.nn.response import FIELDS
+from cellflow.nn.response import FIELDS, POOLINGS
 from cellflow.solvers import baselines
 from cellflow.solvers import flow_matching as fm
 from cellflow.train import chunk_size, group_mesh, make_optimizer, run_training
@@ -93,7 +93,7 @@ def response_field_options(
         "token_dim": Option(64, "size of a combination member's token", _positive_int),
         "context_dim": Option(64, "size of the covariate/population context", _positive_int),
         "population_encoder": Option(True, "summarise the source population (DeepSets)", _one_of(True, False)),
-        "pooling": Option("mean", "pooling of member tokens: 'mean' or 'attention'", _one_of("mean", "attention")),
+        "pooling": Option("mean", "pooling of member tokens: 'mean' or 'attention'", _one_of(*POOLINGS)),
         "field": Option(
             "additive",
             f"structure of {networks}: 'additive' (one field per combination member plus an interaction field) "

@@ -39,11 +39,13 @@ from cellflow._errors import CellflowValueError
 from cellflow.data import ConditionArrays
 from cellflow.nn.layers import MLP, ResidualBlock, _layer_norm, _linear, dropout, sinusoidal_time_embedding
 
-__all__ = ["FIELDS", "Encoded", "ResponseField", "dose_features"]
+__all__ = ["FIELDS", "POOLINGS", "Encoded", "ResponseField", "dose_features"]
 
 #: Structures of the velocity field: one field per member plus an interaction field, or one field
 #: of the pooled condition.
 FIELDS = ("additive", "joint")
+#: Poolings of the member tokens for the interaction (or joint) field.
+POOLINGS = ("mean", "attention")
 
 
 def dose_features(doses: jax.Array) -> jax.Array:
@@ -159,8 +161,8 @@ class ResponseField(nnx.Module):
     ):
         if field not in FIELDS:
             raise CellflowValueError(f"field={field!r} is not one of {list(FIELDS)}")
-        if pooling not in ("mean", "attention"):
-            raise CellflowValueError(f"pooling={pooling!r} is invalid; valid choices: ['mean', 'attention'].")
+        if pooling not in POOLINGS:
+            raise CellflowValueError(f"pooling={pooling!r} is invalid; valid choices: {list(POOLINGS)}.")
         self.centre = centre
         self.field = field
         self.covariate_sizes = tuple(covariate_sizes)
