@@ -8,6 +8,7 @@ from cellflow.solvers import (
     interpolation,
     neural_ot,
     schrodinger_bridge,
+    subspace,
 )
 
-__all__ = ["baselines", "diffusion", "flow_matching", "gaussian", "interpolation", "neural_ot", "schrodinger_bridge"]
+__all__ = ["baselines", "diffusion", "flow_matching", "gaussian", "interpolation", "neural_ot", "schrodinger_bridge", "subspace"]
