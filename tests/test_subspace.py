@@ -68,6 +68,8 @@ def test_subspace_option_chooses_components_and_names_the_valid_choices():
     adata = ad.AnnData(np.zeros((4, 3), np.float32), obs={"condition": ["control", "control", "A", "A"]})
     with pytest.raises(cf.CellflowValueError, match=r"subspace='pca'.*'auto', 'full' or a positive integer"):
         cf.ResponseModel(adata, method="flow_matching", subspace="pca")
+    # numpy integers (from a grid) are taken, and kept as Python ones so that the model saves as JSON
+    assert type(cf.ResponseModel(adata, rep="X", method="flow_matching", subspace=np.int64(3)).options["subspace"]) is int
 
 
 def many_features_data(n=400, d=150, seed=0, noise=0.6):
@@ -134,3 +136,45 @@ def test_a_model_saved_before_the_subspace_option_loads_in_the_whole_representat
     again = cf.ResponseModel.load(tmp_path / "model")
     assert again.state_.subspace is None
     np.testing.assert_array_equal(again.predict(source, "A", seed=0).X, pred)
+
+
+def test_a_combination_member_never_seen_alone_does_not_drop_the_other_members_outside_shift():
+    # E is observed only within C+E and has no embedding: mean_shift cannot place it, but A's
+    # shift outside the subspace must still move A+E's cells (it used to be dropped whole)
+    rng = np.random.default_rng(3)
+    d, n = 40, 60
+    # four strong axes span the subspace; the shifts are small and spread over every feature
+    axes = np.linalg.qr(rng.normal(size=(d, 4)))[0]
+
+    def cells(shift=0.0):
+        return (5.0 * rng.normal(size=(n, 4)) @ axes.T + rng.normal(size=(n, d)) + shift).astype(np.float32)
+
+    shifts = {label: 0.5 * rng.normal(size=d) for label in ("A", "C", "C+E")}
+    labels = ["control", "A", "C", "C+E"]
+    train = ad.AnnData(np.vstack([cells(shifts.get(label, 0.0)) for label in labels]), obs={"condition": np.repeat(labels, n)})
+    source = ad.AnnData(cells(), obs={"condition": ["control"] * n})
+    model = cf.ResponseModel(train, rep="X", method="flow_matching", subspace=np.int64(4), **SMALL)
+    model.fit(steps=10, batch_size=16, progress=False)
+    state = model.state_
+    basis, centre = np.asarray(state.subspace.basis), np.asarray(state.subspace.mean)
+    outside = lambda y: y - (y - centre) @ basis @ basis.T  # noqa: E731
+    shift_of_a = np.asarray(state.outside.offset)[list(model.spec_.groups["condition"]).index("A")]
+    assert np.linalg.norm(shift_of_a) > 1.0
+    with pytest.warns(UserWarning, match=r"'A\+E': perturbation\(s\) \['E'\] were never observed alone"):
+        pred = model.predict(source, "A+E", seed=0).X
+    np.testing.assert_allclose(outside(pred), outside(source.X) + shift_of_a, atol=2e-4)
+
+
+def test_a_whole_representation_run_resumes_checkpoints_whatever_the_subspace_spelling(tmp_path):
+    # "auto" on 150 compact-enough features and "full" both run in the whole representation, as
+    # every run did before the option existed: their checkpoints are the same run's
+    train, source, _ = many_features_data(n=60, noise=0.1)
+    assert choose_subspace(train.X, "auto") is None
+    args = dict(rep="X", method="flow_matching", checkpoint_dir=str(tmp_path / "run"), checkpoint_every=10, **SMALL)
+    fit = dict(batch_size=16, progress=False)
+    whole = cf.ResponseModel(train, **args, subspace="auto").fit(steps=30, **fit)
+    resumed = cf.ResponseModel(train, **args, subspace="full").fit(steps=30, resume=True, **fit)
+    np.testing.assert_array_equal(resumed.predict(source, "A", seed=0).X, whole.predict(source, "A", seed=0).X)
+    # a run in 5 components is another model
+    with pytest.raises(cf.CellflowValueError, match=r"subspace_components: None there, 5 now"):
+        cf.ResponseModel(train, **args, subspace=5).fit(steps=30, resume=True, **fit)

@@ -70,7 +70,8 @@ class Method(abc.ABC):
             problem = self.options[name].check(value) if self.options[name].check else None
             if problem:
                 raise CellflowValueError(f"option {name}={value!r} for method {self.name!r} is invalid: {problem}")
-            resolved[name] = value
+            # numpy scalars (from an array, a grid search) as Python ones, so the options save as JSON
+            resolved[name] = value.item() if isinstance(value, np.generic) else value
         return resolved
 
     @abc.abstractmethod
