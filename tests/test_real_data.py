@@ -213,10 +213,12 @@ def test_experiment_runner_scores_gene_space_predictions_on_the_genes_themselves
     assert results.loc["identity", "r2_delta_top50_degs"] < 0 < 0.9 < results.loc["mean_shift", "r2_delta_top50_degs"]
 
 
-@pytest.mark.slow  # a minute of training on 1,267 genes
-def test_flow_matching_on_genes_beats_mean_shift_for_kangs_held_out_patient(runner):
+@pytest.mark.slow  # one to three minutes of training per method on 1,267 genes
+@pytest.mark.parametrize("method", ["flow_matching", "schrodinger_bridge", "neural_ot"])
+def test_learned_methods_on_genes_beat_mean_shift_for_kangs_held_out_patient(runner, method):
     data = shared_file("kang2018_muscat_example_sce.h5ad").parent
-    energy = runner.run(["kang_patient_genes"], ["mean_shift", "flow_matching"], [0], data).set_index("method")["energy_distance"]
-    # measured, seeds 0/1/2: flow matching in 20 principal components 0.329 / 0.327 / 0.328 (on every
-    # gene 0.416 at seed 0); mean_shift 0.351
-    assert energy["flow_matching"] < 0.97 * energy["mean_shift"], energy
+    energy = runner.run(["kang_patient_genes"], ["mean_shift", method], [0], data).set_index("method")["energy_distance"]
+    # measured in 20 principal components, seeds 0/1/2: flow matching 0.329 / 0.327 / 0.328, the
+    # bridge 0.320 / 0.314 (mean of seeds 1-2), neural OT 0.327 / 0.327; mean_shift 0.351. On
+    # every gene (seed 0): 0.416, 4.17 and 0.489
+    assert energy[method] < 0.97 * energy["mean_shift"], energy

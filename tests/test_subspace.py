@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import cellflow as cf
-from cellflow.methods._flow_matching import AUTO_SUBSPACE_COMPONENTS, choose_subspace
+from cellflow.methods._subspace import AUTO_SUBSPACE_COMPONENTS, choose_subspace
 from cellflow.solvers import subspace as principal
 
 SMALL = dict(width=64, depth=2, token_dim=16, context_dim=16, conditions_per_step=2, chunk=50, warmup=20)
@@ -178,3 +178,40 @@ def test_a_whole_representation_run_resumes_checkpoints_whatever_the_subspace_sp
     # a run in 5 components is another model
     with pytest.raises(cf.CellflowValueError, match=r"subspace_components: None there, 5 now"):
         cf.ResponseModel(train, **args, subspace=5).fit(steps=30, resume=True, **fit)
+
+
+@pytest.mark.parametrize(
+    "method, options",
+    [
+        ("schrodinger_bridge", {}),
+        ("neural_ot", {}),
+        ("neural_ot", {"map": "per_condition", "hidden": [16, 16]}),
+        ("diffusion", {}),
+    ],
+)
+def test_every_learned_method_fits_in_the_subspace_and_keeps_each_cells_remainder(tmp_path, method, options):
+    train, source, _ = many_features_data(n=120)
+    small = {"chunk": 20} if options.get("map") else SMALL  # the ICNN duals take none of the field's options
+    model = cf.ResponseModel(train, rep="X", method=method, **small, **options).fit(steps=20, batch_size=32, progress=False)
+    state = model.state_
+    assert state.subspace is not None and state.subspace.basis.shape == (150, AUTO_SUBSPACE_COMPONENTS)
+    pred = model.predict(source, "A", seed=0).X
+    basis, centre = np.asarray(state.subspace.basis), np.asarray(state.subspace.mean)
+    outside = lambda y: y - (y - centre) @ basis @ basis.T  # noqa: E731
+    shift_outside = np.asarray(state.outside.offset)[list(model.spec_.groups["condition"]).index("A")]
+    np.testing.assert_allclose(outside(pred), outside(source.X) + shift_outside, atol=2e-4)
+    model.save(tmp_path / "model")
+    np.testing.assert_array_equal(cf.ResponseModel.load(tmp_path / "model").predict(source, "A", seed=0).X, pred)
+    if not options:
+        whole = cf.ResponseModel(train, rep="X", method=method, subspace="full", **small).fit(steps=2, batch_size=32, progress=False)
+        assert whole.state_.subspace is None
+
+
+def test_the_bridge_keeps_a_time_course_whole_and_says_why_it_cannot_take_a_subspace():
+    # 150 genes-like features: "auto" would take a subspace without the time course
+    adata = cf.datasets.time_course(n_cells=60, n_features=150, noise=1.0, seed=0)
+    args = dict(rep="X", method="schrodinger_bridge", time_key="time", chunk=10, width=32, depth=1)
+    model = cf.ResponseModel(adata, **args).fit(steps=2, batch_size=16, progress=False)
+    assert model.state_.subspace is None
+    with pytest.raises(cf.CellflowValueError, match=r"subspace=5 is not supported together with time_key.*'auto' or 'full'"):
+        cf.ResponseModel(adata, **args, subspace=5).fit(steps=2, progress=False)

@@ -39,8 +39,11 @@ from cellflow.methods._flow_matching import (
     run_description,
     train_with_options,
 )
+from cellflow.methods import _subspace as subspaces
 from cellflow.nn import Denoiser
+from cellflow.solvers import baselines
 from cellflow.solvers import diffusion as diff
+from cellflow.solvers import subspace as principal
 from cellflow.train import chunk_size, group_mesh, make_optimizer
 
 __all__ = ["Diffusion", "DiffusionState"]
@@ -57,6 +60,8 @@ class DiffusionState(NamedTuple):
     history: pd.DataFrame
     loc: np.ndarray
     scale: np.ndarray
+    subspace: principal.Subspace | None = None
+    outside: baselines.AffineResponse | None = None
 
 
 def _real(value):
@@ -94,6 +99,14 @@ class Diffusion(Method):
     mean_shift), hence the default ``start="noise"``; so was guidance ``w = 1.5`` (seed 0: 0.317),
     hence the default ``guidance=1``. About 4-5 minutes of fitting on two
     shared CPU cores.
+
+    ``subspace`` (default ``"auto"``, as for flow matching): on many features whose top 20
+    principal components hold less than half of the variance (genes) the denoiser runs in those
+    components and each predicted cell keeps its own remainder outside them, moved by the
+    condition's mean shift pooled over covariate values. On Kang 2018's held-out patient in 1,267
+    log-count genes: 0.359 (0.896 fitted on every gene, seed 0); scGen's held-out CD4T cells in 6,998 genes: 0.562 (mean_shift 0.351
+    and 0.949; seeds 0-2, ``python experiments/run.py --tasks kang_patient_genes scgen_cd4t_genes
+    --methods diffusion --seeds 0 1 2``).
     """
 
     name = "diffusion"
@@ -124,6 +137,7 @@ class Diffusion(Method):
         "eval_every": Option(500, "steps between validation evaluations", _positive_int),
         "patience": Option(5, "evaluations without improvement before stopping", _positive_int),
         **training_loop_options(),
+        "subspace": subspaces.subspace_option("the denoiser"),
     }
 
     def validate_options(self, given: Mapping[str, Any]) -> dict[str, Any]:
@@ -180,6 +194,9 @@ class Diffusion(Method):
         batch_size = batch_size or 128
         config = self._config(options, batch_size)
         rng = np.random.default_rng(seed)
+        subspace = subspaces.choose_subspace(data.cells, options["subspace"])
+        run = run_description(data, options, steps=steps, batch_size=batch_size, seed=seed, subspace=subspace)
+        outside, data = subspaces.enter_subspace(data, embeddings, subspace)
         loc = data.cells.mean(axis=0).astype(np.float32)
         scale = np.asarray(np.sqrt(np.mean((data.cells - loc) ** 2)) + 1e-8, np.float32)
         train_data, validation = data, None
@@ -202,10 +219,9 @@ class Diffusion(Method):
             )
         result = train_with_options(
             train_chunk, state, steps, options, evaluate=evaluate, resume=resume, progress=progress,
-            description="diffusion",
-            run=run_description(data, options, steps=steps, batch_size=batch_size, seed=seed),
+            description="diffusion", run=run,
         )
-        return DiffusionState(graphdef, result.best_ema, result.history, loc, scale)
+        return DiffusionState(graphdef, result.best_ema, result.history, loc, scale, subspace, outside)
 
     def history(self, state: DiffusionState) -> pd.DataFrame:
         return state.history
@@ -217,7 +233,7 @@ class Diffusion(Method):
             max(spec.max_members, len(condition)),
         )
         loc, scale = np.asarray(state.loc, np.float32), np.float32(state.scale)
-        standardised = ((np.asarray(source, np.float32) - loc) / scale).astype(np.float32)
+        standardised = ((subspaces.to_subspace(state.subspace, np.asarray(source, np.float32)) - loc) / scale).astype(np.float32)
         n = standardised.shape[0]
         key_population, key_sample = jax.random.split(key)
         population = standardised[np.asarray(jax.random.randint(key_population, (options["population_size"],), 0, n))]
@@ -233,20 +249,23 @@ class Diffusion(Method):
             self._config(options),
             **self._sampling(options),
         )
-        return np.asarray(y[:n]) * scale + loc
+        moved = np.asarray(y[:n]) * scale + loc
+        return subspaces.leave_subspace(state.subspace, state.outside, moved, source, condition, spec, embeddings)
 
     # -- persistence --------------------------------------------------------------------------
     def state_to_arrays(self, state: DiffusionState) -> dict[str, np.ndarray]:
         arrays = params_to_arrays(state.params)
         arrays["standardise/loc"] = np.asarray(state.loc)
         arrays["standardise/scale"] = np.asarray(state.scale)
-        return arrays
+        return arrays | subspaces.subspace_to_arrays(state.subspace, state.outside)
 
     def state_from_arrays(self, arrays, spec, options, embeddings) -> DiffusionState:
+        subspace, outside, spec, arrays = subspaces.subspace_from_arrays(arrays, spec)
         graphdef, template = nnx.split(self.build(spec, embeddings.dim, options))
         params = params_from_arrays({k: v for k, v in arrays.items() if not k.startswith("standardise/")}, template)
         return DiffusionState(
-            graphdef, params, pd.DataFrame(), np.asarray(arrays["standardise/loc"]), np.asarray(arrays["standardise/scale"])
+            graphdef, params, pd.DataFrame(), np.asarray(arrays["standardise/loc"]), np.asarray(arrays["standardise/scale"]),
+            subspace, outside,
         )
 
 

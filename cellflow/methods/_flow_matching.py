@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import warnings
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -15,7 +14,7 @@ import numpy as np
 import pandas as pd
 from flax import nnx
 
-from cellflow._errors import CellflowKeyError, CellflowValueError
+from cellflow._errors import CellflowValueError
 from cellflow.data import (
     Condition,
     DataSpec,
@@ -26,6 +25,7 @@ from cellflow.data import (
     encode_condition,
 )
 from cellflow.methods._base import Method, Option
+from cellflow.methods import _subspace as subspaces
 from cellflow.methods._baselines import GaussianOT, MeanShift
 from cellflow.nn import ResponseField
 from cellflow.nn.response import FIELDS, POOLINGS
@@ -38,14 +38,6 @@ __all__ = ["FlowMatching", "FlowMatchingState"]
 
 _SOLVERS = ("euler", "heun", "midpoint", "tsit5", "dopri5")
 _PRIORS = {"none": None, "mean_shift": MeanShift, "gaussian_ot": GaussianOT}
-#: ``subspace="auto"`` runs the flow in this many principal components ...
-AUTO_SUBSPACE_COMPONENTS = 20
-#: ... when the representation has more features than this ...
-AUTO_SUBSPACE_ABOVE = 100
-#: ... and those components hold less than this fraction of the training cells' variance (the
-#: rest is spread thin over many features, as per-gene noise is; a compact representation such
-#: as an embedding or curated image features keeps every feature).
-AUTO_SUBSPACE_VARIANCE = 0.5
 
 
 class FlowMatchingState(NamedTuple):
@@ -88,35 +80,6 @@ def _optional_positive_int(value):
     return None if value is None or _positive_int(value) is None else "expected a positive integer or None."
 
 
-def _subspace_option(value):
-    if value in ("auto", "full") or _positive_int(value) is None:
-        return None
-    return "expected 'auto', 'full' or a positive integer (the number of principal components)."
-
-
-def choose_subspace(cells: np.ndarray, option: str | int) -> principal.Subspace | None:
-    """The principal subspace the flow runs in for the ``subspace`` option, or ``None`` for the
-    whole representation.
-
-    ``"auto"``: the top :data:`AUTO_SUBSPACE_COMPONENTS` principal axes of ``cells`` when there
-    are more than :data:`AUTO_SUBSPACE_ABOVE` features and those axes hold less than
-    :data:`AUTO_SUBSPACE_VARIANCE` of the variance; else the whole representation.
-    """
-    n_cells, n_features = cells.shape
-    if option == "full":
-        return None
-    if option == "auto":
-        if n_features <= AUTO_SUBSPACE_ABOVE or n_cells <= AUTO_SUBSPACE_COMPONENTS:
-            return None
-        subspace = principal.principal_subspace(cells, AUTO_SUBSPACE_COMPONENTS)
-        return subspace if principal.captured_variance(subspace, cells) < AUTO_SUBSPACE_VARIANCE else None
-    if option > min(n_cells, n_features):
-        raise CellflowValueError(
-            f"option subspace={option} asks for more principal components than the training data have "
-            f"features ({n_features}) or cells ({n_cells}); valid: 'auto', 'full' or an integer in "
-            f"[1, {min(n_cells, n_features)}]."
-        )
-    return None if option == n_features else principal.principal_subspace(cells, option)
 
 
 def _optional_path(value):
@@ -263,7 +226,7 @@ class FlowMatching(Method):
     ``subspace`` runs the flow in the top principal components of the training cells
     (:mod:`cellflow.solvers.subspace`); each predicted cell keeps its own remainder outside them,
     moved by the condition's mean shift there, averaged over covariate values whatever the
-    query's (:func:`outside_weights`; the flow carries the covariates' effects inside). On expression data a field fitted on every gene
+    query's (the flow carries the covariates' effects inside). On expression data a field fitted on every gene
     must regenerate each gene's noise from its own errors, which add up over thousands of genes:
     on Kang 2018's held-out patient in 1,267 log-count genes it scored an energy distance of 0.416
     against mean_shift's 0.351 (seed 0). In 20 components it scores 0.328 (seeds 0-2, 53 s a fit;
@@ -334,15 +297,7 @@ class FlowMatching(Method):
             "start the flow from a baseline's prediction and learn the rest: 'none', 'mean_shift' or 'gaussian_ot'",
             _one_of(*_PRIORS),
         ),
-        "subspace": Option(
-            "auto",
-            "run the flow in this many principal components of the training cells, each cell keeping its own "
-            "remainder, moved by the condition's mean shift pooled over covariate values: an integer, "
-            f"'full' (every feature), or 'auto' ({AUTO_SUBSPACE_COMPONENTS} components when "
-            f"there are more than {AUTO_SUBSPACE_ABOVE} features and they hold less than {AUTO_SUBSPACE_VARIANCE:.0%} "
-            "of the variance, as on genes; else 'full')",
-            _subspace_option,
-        ),
+        "subspace": subspaces.subspace_option("the flow"),
     }
 
     # -- construction -------------------------------------------------------------------------
@@ -372,14 +327,9 @@ class FlowMatching(Method):
     def fit(self, data: PerturbationData, embeddings: EmbeddingTable, options, *, steps, batch_size, seed, progress, resume=False):
         steps = steps or self.default_steps
         batch_size = batch_size or 128
-        subspace = choose_subspace(data.cells, options["subspace"])
-        run = run_description(
-            data, {k: v for k, v in options.items() if k != "subspace"}, steps=steps, batch_size=batch_size, seed=seed,
-            # the choice, not the option: a run in the whole representation is described as before the
-            # option existed, so its older checkpoints still resume
-            **({} if subspace is None else {"subspace_components": subspace.n_components}),
-        )
-        subspace, outside, data = _enter_subspace(data, embeddings, subspace)
+        subspace = subspaces.choose_subspace(data.cells, options["subspace"])
+        run = run_description(data, options, steps=steps, batch_size=batch_size, seed=seed, subspace=subspace)
+        outside, data = subspaces.enter_subspace(data, embeddings, subspace)
         config = self._config(options, batch_size, control_spread(data))
         rng = np.random.default_rng(seed)
         train_data, validation = data, None
@@ -424,7 +374,7 @@ class FlowMatching(Method):
             max(spec.max_members, len(condition)),
         )
         n = source.shape[0]
-        cells = source if state.subspace is None else np.asarray(principal.project(state.subspace, jnp.asarray(source)))
+        cells = subspaces.to_subspace(state.subspace, source)
         population = cells[np.asarray(jax.random.randint(key, (options["population_size"],), 0, n))]
         start = cells
         if state.prior is not None:
@@ -443,9 +393,7 @@ class FlowMatching(Method):
             n_steps=options["n_steps"],
             combine=_combine_rule(options["combine"], condition, spec, options["unseen_interaction"]),
         )
-        if state.subspace is None:
-            return np.asarray(y[:n])
-        return _leave_subspace(state, y[:n], source, condition, spec, embeddings)
+        return subspaces.leave_subspace(state.subspace, state.outside, y[:n], source, condition, spec, embeddings)
 
     # -- persistence --------------------------------------------------------------------------
     def state_to_arrays(self, state: FlowMatchingState) -> dict[str, np.ndarray]:
@@ -454,86 +402,19 @@ class FlowMatching(Method):
             arrays["prior/offset"] = np.asarray(state.prior.offset)
             if state.prior.linear is not None:
                 arrays["prior/linear"] = np.asarray(state.prior.linear)
-        if state.subspace is not None:
-            arrays["subspace/mean"] = np.asarray(state.subspace.mean)
-            arrays["subspace/basis"] = np.asarray(state.subspace.basis)
-            arrays["subspace/outside"] = np.asarray(state.outside.offset)
-        return arrays
+        return arrays | subspaces.subspace_to_arrays(state.subspace, state.outside)
 
     def state_from_arrays(self, arrays, spec, options, embeddings) -> FlowMatchingState:
         # The arrays say which space the field was trained in (models saved before the option
         # existed ran in the whole representation, whatever "auto" would choose now).
-        if "subspace/basis" in arrays:
-            spec = dataclasses.replace(spec, n_features=int(arrays["subspace/basis"].shape[1]), feature_names=None)
+        subspace, outside, spec, arrays = subspaces.subspace_from_arrays(arrays, spec)
         graphdef, template = nnx.split(self.build(spec, embeddings.dim, options))
         params = params_from_arrays(arrays, template)
         prior = None
         if "prior/offset" in arrays:
             linear = arrays.get("prior/linear")
             prior = baselines.AffineResponse(jnp.asarray(arrays["prior/offset"]), None if linear is None else jnp.asarray(linear))
-        subspace = outside = None
-        if "subspace/basis" in arrays:
-            subspace = principal.Subspace(jnp.asarray(arrays["subspace/mean"]), jnp.asarray(arrays["subspace/basis"]))
-            outside = baselines.AffineResponse(jnp.asarray(arrays["subspace/outside"]))
         return FlowMatchingState(graphdef, params, pd.DataFrame(), prior, subspace, outside)
-
-
-def _enter_subspace(data: PerturbationData, embeddings: EmbeddingTable, subspace: principal.Subspace | None):
-    """``(subspace, outside, data)``: the subspace, each group's mean shift outside it, and the data
-    in subspace coordinates (``None``, ``None`` and the data unchanged without a subspace)."""
-    if subspace is None:
-        return None, None, data
-    shift = MeanShift().fit(data, embeddings, {}, steps=None, batch_size=None, seed=0, progress=False)
-    offset = shift.offset - (shift.offset @ subspace.basis) @ subspace.basis.T
-    basis = np.asarray(subspace.basis)  # numpy: the training cells stay on the host
-    projected = dataclasses.replace(
-        data,
-        cells=data.cells @ basis - np.asarray(subspace.mean) @ basis,
-        spec=dataclasses.replace(data.spec, n_features=subspace.n_components, feature_names=None),
-    )
-    return subspace, baselines.AffineResponse(offset), projected
-
-
-def _leave_subspace(state: FlowMatchingState, z, source: np.ndarray, condition: Condition, spec: DataSpec, embeddings):
-    """Source cells moved to the flow's prediction ``z`` inside the subspace and, outside it, by the
-    condition's mean shift averaged over covariate values (see :func:`outside_weights`)."""
-    moved = principal.embed(state.subspace, z, jnp.asarray(source))
-    weights = outside_weights(condition, spec, embeddings)
-    return np.asarray(baselines.push(state.outside, moved, jnp.asarray(weights, jnp.float32)))
-
-
-def outside_weights(condition: Condition, spec: DataSpec, embeddings: EmbeddingTable) -> np.ndarray:
-    """Weights over the training groups of the mean shift that moves a predicted cell outside the
-    flow's subspace: ``mean_shift``'s for ``condition``, averaged over covariate values whatever
-    the query's (as ``mean_shift`` predicts an unseen patient: per-value shifts of thousands of
-    genes are mostly noise, and the flow inside the subspace carries the covariate's effect).
-
-    A member that ``mean_shift`` cannot place (never observed alone, no embedding neighbour)
-    contributes no shift outside the subspace, with a warning; the other members still do.
-    """
-    pooled = (None,) * len(spec.covariate_keys)
-
-    def weights_of(query: Condition) -> np.ndarray:
-        return condition_weights(query, pooled, spec.group_conditions, spec.group_covariates, embeddings)
-
-    try:
-        return weights_of(condition)
-    except CellflowKeyError:
-        pass
-    weights = np.zeros(len(spec.group_conditions), np.float64)
-    unplaced = []
-    for member, dose in zip(condition.members, condition.doses):
-        try:
-            weights += weights_of(Condition((member,), (dose,)))
-        except CellflowKeyError:
-            unplaced.append(member)
-    warnings.warn(
-        f"{condition.label!r}: perturbation(s) {unplaced} were never observed alone and have no embedding "
-        "neighbour, so outside the flow's principal subspace only the other members move the cells "
-        "(give them vectors in perturbation_embeddings, or fit with subspace='full').",
-        stacklevel=2,
-    )
-    return weights
 
 
 def build_response_field(spec: DataSpec, embedding_dim: int, options: Mapping[str, Any], seed: int = 0) -> ResponseField:
@@ -600,12 +481,16 @@ def params_from_arrays(arrays: Mapping[str, np.ndarray], template: Any) -> Any:
     return jax.tree_util.tree_unflatten(treedef, restored)
 
 
-def run_description(data: PerturbationData, options: Mapping[str, Any], **fit_arguments: Any) -> dict[str, Any]:
+def run_description(
+    data: PerturbationData, options: Mapping[str, Any], *, subspace: principal.Subspace | None = None, **fit_arguments: Any
+) -> dict[str, Any]:
     """What makes a training run what it is, as JSON for its checkpoints: the options (except
-    where and how it dispatches and checkpoints), the fit's arguments and a digest of the data's
-    description (groups, vocabulary, covariates)."""
-    loop_only = set(training_loop_options())
+    where and how it dispatches and checkpoints; for ``subspace`` the choice made, see
+    :func:`~cellflow.methods._subspace.subspace_run_description`), the fit's arguments and a
+    digest of the data's description (groups, vocabulary, covariates)."""
+    loop_only = set(training_loop_options()) | {"subspace"}
     described = {k: v for k, v in options.items() if k not in loop_only}
+    described.update(subspaces.subspace_run_description(subspace))
     described.update(fit_arguments)
     described["data"] = hashlib.sha256(data.spec.to_json().encode()).hexdigest()[:16]
     return json.loads(json.dumps(described, default=str))
