@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
-__all__ = ["CellflowKeyError", "CellflowValueError", "format_choices"]
+__all__ = ["CellflowKeyError", "CellflowValueError", "format_choices", "user_stacklevel"]
+
+_PACKAGE = str(Path(__file__).resolve().parent)
 
 
 def format_choices(choices: Iterable[Any], limit: int = 20) -> str:
@@ -14,6 +18,16 @@ def format_choices(choices: Iterable[Any], limit: int = 20) -> str:
     if len(items) > limit:
         return "[" + ", ".join(items[:limit]) + f", ... ({len(items) - limit} more)]"
     return "[" + ", ".join(items) + "]"
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` of :func:`warnings.warn`, called by the caller of this function, that
+    points at the first frame outside cellflow: the user's line, however deep in the library
+    the warning arises."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class CellflowKeyError(KeyError):

@@ -512,3 +512,9 @@ def test_checkpoints_without_a_run_description_still_restore(tmp_path):
     assert int(restore_checkpoint(tmp_path / "new", state, {"width": 16})[0].step) == 5
     with pytest.raises(cf.CellflowValueError, match=r"width: 16 there, 32 now"):
         restore_checkpoint(tmp_path / "new", state, {"width": 32})
+    # described with the subspace option (4b43192) rather than the choice: the shapes decide
+    save_checkpoint(tmp_path / "option", state, [{"step": 5}], {"width": 16, "subspace": "auto"})
+    assert int(restore_checkpoint(tmp_path / "option", state, {"width": 16})[0].step) == 5
+    assert int(restore_checkpoint(tmp_path / "option", state, {"width": 16, "subspace_components": 20})[0].step) == 5
+    with pytest.raises(cf.CellflowValueError, match=r"width: 16 there, 32 now"):
+        restore_checkpoint(tmp_path / "option", state, {"width": 32})

@@ -68,8 +68,14 @@ def test_subspace_option_chooses_components_and_names_the_valid_choices():
     adata = ad.AnnData(np.zeros((4, 3), np.float32), obs={"condition": ["control", "control", "A", "A"]})
     with pytest.raises(cf.CellflowValueError, match=r"subspace='pca'.*'auto', 'full' or a positive integer"):
         cf.ResponseModel(adata, method="flow_matching", subspace="pca")
-    # numpy integers (from a grid) are taken, and kept as Python ones so that the model saves as JSON
-    assert type(cf.ResponseModel(adata, rep="X", method="flow_matching", subspace=np.int64(3)).options["subspace"]) is int
+    # numpy numbers (from a grid), also inside lists, are taken and kept as Python ones, so that
+    # the model saves as JSON
+    options = cf.ResponseModel(
+        adata, rep="X", method="flow_matching", subspace=np.int64(3), warmup=np.int64(10), learning_rate=np.float32(1e-3)
+    ).options
+    assert [type(options[k]) for k in ("subspace", "warmup", "learning_rate")] == [int, int, float]
+    hidden = cf.ResponseModel(adata, rep="X", method="neural_ot", map="per_condition", hidden=[np.int64(8)]).options["hidden"]
+    assert hidden == [8] and type(hidden[0]) is int
 
 
 def many_features_data(n=400, d=150, seed=0, noise=0.6):
@@ -160,8 +166,9 @@ def test_a_combination_member_never_seen_alone_does_not_drop_the_other_members_o
     outside = lambda y: y - (y - centre) @ basis @ basis.T  # noqa: E731
     shift_of_a = np.asarray(state.outside.offset)[list(model.spec_.groups["condition"]).index("A")]
     assert np.linalg.norm(shift_of_a) > 1.0
-    with pytest.warns(UserWarning, match=r"'A\+E': perturbation\(s\) \['E'\] were never observed alone"):
+    with pytest.warns(UserWarning, match=r"'A\+E': perturbation\(s\) \['E'\] were never observed alone") as record:
         pred = model.predict(source, "A+E", seed=0).X
+    assert record[0].filename == __file__  # the warning points at the user's call
     np.testing.assert_allclose(outside(pred), outside(source.X) + shift_of_a, atol=2e-4)
 
 

@@ -42,6 +42,16 @@ class Option:
     check: Callable[[Any], str | None] | None = None
 
 
+def _python_value(value: Any) -> Any:
+    """``value`` with numpy scalars (from an array, a grid search), also inside lists and tuples,
+    as Python ones: the checks then see ints and floats, and the options save as JSON."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_python_value(v) for v in value)
+    return value
+
+
 class Method(abc.ABC):
     """A way of learning responses. Subclasses set :attr:`name`, :attr:`options` and implement
     :meth:`fit`, :meth:`predict`, :meth:`state_to_arrays` and :meth:`state_from_arrays`."""
@@ -67,11 +77,11 @@ class Method(abc.ABC):
             )
         resolved = {name: option.default for name, option in self.options.items()}
         for name, value in given.items():
+            value = _python_value(value)
             problem = self.options[name].check(value) if self.options[name].check else None
             if problem:
                 raise CellflowValueError(f"option {name}={value!r} for method {self.name!r} is invalid: {problem}")
-            # numpy scalars (from an array, a grid search) as Python ones, so the options save as JSON
-            resolved[name] = value.item() if isinstance(value, np.generic) else value
+            resolved[name] = value
         return resolved
 
     @abc.abstractmethod

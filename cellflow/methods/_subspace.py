@@ -22,7 +22,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from cellflow._errors import CellflowKeyError, CellflowValueError
+from cellflow._errors import CellflowKeyError, CellflowValueError, user_stacklevel
 from cellflow.data import Condition, DataSpec, EmbeddingTable, PerturbationData, condition_weights
 from cellflow.methods._base import Option
 from cellflow.methods._baselines import MeanShift
@@ -179,7 +179,8 @@ def outside_weights(condition: Condition, spec: DataSpec, embeddings: EmbeddingT
         f"{condition.label!r}: perturbation(s) {unplaced} were never observed alone and have no embedding "
         "neighbour, so outside the principal subspace only the other members move the cells "
         "(give them vectors in perturbation_embeddings, or fit with subspace='full').",
-        stacklevel=2,
+        UserWarning,
+        stacklevel=user_stacklevel(),
     )
     return weights
 

@@ -66,6 +66,11 @@ def restore_checkpoint(
         # checkpoints written before runs were described hold no "run" item: nothing to compare
         has_run = (Path(directory).absolute() / str(step) / "run").exists()
         saved_run = manager.restore(step, args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"] if has_run else None
+        if run is not None and saved_run and "subspace" in saved_run and "subspace_components" not in saved_run:
+            # written when the run description held the subspace option rather than the choice
+            # (flow matching, 4b43192): the parameters' shapes, checked below, tell the spaces apart
+            saved_run = {k: v for k, v in saved_run.items() if k != "subspace"}
+            run = {k: v for k, v in run.items() if k != "subspace_components"}
         if run is not None and saved_run:
             differing = sorted(k for k in set(run) | set(saved_run) if saved_run.get(k) != run.get(k))
             if differing:
