@@ -80,8 +80,6 @@ def _optional_positive_int(value):
     return None if value is None or _positive_int(value) is None else "expected a positive integer or None."
 
 
-
-
 def _optional_path(value):
     return None if value is None or isinstance(value, str) else "expected a directory path (str) or None."
 

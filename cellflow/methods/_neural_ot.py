@@ -190,8 +190,11 @@ class NeuralOT(Method):
         subspace = subspaces.choose_subspace(data.cells, options["subspace"])
         run = run_description(data, options, steps=steps, batch_size=batch_size, seed=seed, subspace=subspace)
         outside, data = subspaces.enter_subspace(data, embeddings, subspace)
-        fit = self._fit_duals if options["map"] == "per_condition" else self._fit_map
-        state = fit(data, embeddings, options, steps=steps, batch_size=batch_size, seed=seed, progress=progress, resume=resume, run=run)
+        loop = dict(steps=steps, batch_size=batch_size, seed=seed, progress=progress, resume=resume, run=run)
+        if options["map"] == "per_condition":
+            state = self._fit_duals(data, options, **loop)
+        else:
+            state = self._fit_map(data, embeddings, options, **loop)
         return state._replace(subspace=subspace, outside=outside)
 
     def _fit_map(self, data, embeddings, options, *, steps, batch_size, seed, progress, resume, run):
@@ -218,7 +221,7 @@ class NeuralOT(Method):
         )
         return ConditionalMapState(graphdef, result.best_ema, result.history)
 
-    def _fit_duals(self, data: PerturbationData, embeddings, options, *, steps, batch_size, seed, progress, resume, run):
+    def _fit_duals(self, data: PerturbationData, options, *, steps, batch_size, seed, progress, resume, run):
         config = self._dual_config(options, batch_size)
         conditions = trained_conditions(data.spec)
         by_condition = {condition: [] for condition in conditions}

@@ -160,15 +160,13 @@ class SchrodingerBridge(Method):
             raise CellflowValueError(
                 "validation_fraction > 0 is not supported together with time_key yet; set validation_fraction=0."
             )
-        subspace = None
-        if options["subspace"] not in ("auto", "full"):
-            if timed:
-                raise CellflowValueError(
-                    f"option subspace={options['subspace']!r} is not supported together with time_key yet "
-                    "(the path outside the subspace would need each snapshot's shift); use 'auto' or 'full'."
-                )
-        if not timed:  # "auto" keeps a time course whole
-            subspace = subspaces.choose_subspace(data.cells, options["subspace"])
+        if timed and options["subspace"] not in ("auto", "full"):
+            raise CellflowValueError(
+                f"option subspace={options['subspace']!r} is not supported together with time_key yet "
+                "(the path outside the subspace would need each snapshot's shift); use 'auto' or 'full'."
+            )
+        # "auto" keeps a time course whole
+        subspace = None if timed else subspaces.choose_subspace(data.cells, options["subspace"])
         run = run_description(data, options, steps=steps, batch_size=batch_size, seed=seed, subspace=subspace)
         outside, data = subspaces.enter_subspace(data, embeddings, subspace)
         train_data, validation = data, None

@@ -57,7 +57,8 @@ _ARRAYS = ("subspace/mean", "subspace/basis", "subspace/outside")
 
 
 def _check(value) -> str | None:
-    if value in ("auto", "full") or (isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1):
+    # numpy integers arrive as Python ones (Method.validate_options)
+    if value in ("auto", "full") or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
         return None
     return "expected 'auto', 'full' or a positive integer (the number of principal components)."
 
