@@ -61,6 +61,22 @@ def test_a_new_argument_shape_compiles_a_new_program(count_compilations):
     assert count_compilations["n"] == 3
 
 
+def test_programs_of_the_same_text_for_arguments_of_other_shapes_are_kept_apart(disk_cache, count_compilations):
+    # JAX drops arguments a program does not read, so their shapes leave no trace in its text:
+    # an optimiser's init of two models with as many parameters in other shapes (another data
+    # set's covariate and member vocabularies) lowers to the same program.
+    clear_compiled_programs()
+    count = shared_jit(lambda tree: jnp.zeros(sum(leaf.size for leaf in jax.tree.leaves(tree))))
+    first = {"covariates": jnp.ones((8, 4)), "members": jnp.ones((3, 4))}
+    second = {"covariates": jnp.ones((5, 4)), "members": jnp.ones((6, 4))}
+    assert count(first).shape == (44,)
+    assert count(second).shape == (44,)
+    assert count_compilations["n"] == 2
+    clear_compiled_programs()  # as in a new process: the two programs come back from disk
+    assert count(second).shape == count(first).shape == (44,)
+    assert count_compilations["n"] == 2
+
+
 def test_refitting_a_configuration_reuses_its_compiled_training_chunk(count_compilations):
     adata = shift_data(n=100)
     source = adata[adata.obs.condition == "control"][:50]

@@ -10,8 +10,9 @@ again, a notebook after a kernel restart) then pays the whole compilation again.
 
 :func:`shared_jit` keys compiled executables on what XLA compiles, not on the Python function:
 the fingerprint of the lowered StableHLO program (which holds every constant the closure bakes
-in, so two programs that differ in anything compile separately), the devices it runs on and
-the JAX version. Tracing and lowering still run for every new closure (a few seconds for the
+in, so two programs that differ in anything compile separately), the shapes and dtypes of its
+arguments and results (JAX leaves unread arguments out of the program's text), the devices it
+runs on and the JAX version. Tracing and lowering still run for every new closure (a few seconds for the
 default model); the compilation runs once per process, and once per machine while the program
 stays in the on-disk cache (loading it back takes about 0.5 s).
 
@@ -165,9 +166,23 @@ def _host() -> str:
                  os.environ.get("XLA_FLAGS", ""), _FORMAT))
 
 
+def _interface(tree: Any) -> str:
+    """Each leaf's place, shape and dtype, as text that is the same in every process."""
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return repr([
+        (jax.tree_util.keystr(path), tuple(leaf.shape), str(leaf.dtype), bool(getattr(leaf, "weak_type", False)))
+        for path, leaf in leaves
+    ])
+
+
 def _fingerprint(lowered: jax.stages.Lowered, devices: tuple[int, ...], context: Hashable) -> str:
     digest = hashlib.sha256()
     digest.update(lowered.as_text(debug_info=False).encode())
+    # JAX drops the arguments a program never reads, so their shapes are not in its text (an
+    # optimiser's init reads only the parameters' total size); a compiled program still expects
+    # the arguments it was lowered with.
+    digest.update(_interface(lowered.in_avals).encode())
+    digest.update(_interface(lowered.out_info).encode())
     digest.update(repr((jax.__version__, jax.default_backend(), devices, context)).encode())
     return digest.hexdigest()
 
