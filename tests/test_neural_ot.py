@@ -49,6 +49,40 @@ def test_icnn_dual_recovers_gaussian_monge_map(d):
     assert np.isfinite(model.history_["w2"]).all()
 
 
+def test_icnn_duals_train_on_fewer_treated_cells_than_features():
+    """A condition with fewer cells than features has a singular covariance: the Gaussian start
+    shrinks it rather than turning the potentials into NaN."""
+    rng = np.random.default_rng(3)
+    d, shift = 40, np.linspace(-1.0, 1.0, 40)
+    x, y = rng.normal(size=(200, d)), rng.normal(size=(30, d)) * 1.2 + shift
+    obs = pd.DataFrame({"condition": ["control"] * 200 + ["treated"] * 30}, index=[f"c{i}" for i in range(230)])
+    adata = ad.AnnData(np.vstack([x, y]).astype(np.float32), obs=obs)
+    predicted = {}
+    for init in ("gaussian", "identity"):
+        model = cf.ResponseModel(adata, rep="X", method="neural_ot", map="per_condition", hidden=[16, 16], init=init, chunk=10)
+        model.fit(steps=20, batch_size=64, progress=False)
+        assert np.isfinite(model.history_["loss"]).all(), init
+        predicted[init] = model.predict(adata[:200], "treated").X
+        assert np.isfinite(predicted[init]).all(), init
+    # the Gaussian start already moves the control mean onto the treated mean
+    assert np.linalg.norm(predicted["gaussian"].mean(0) - y.mean(0)) < 0.3 * np.linalg.norm(shift)
+
+
+def test_the_faster_quadratic_potentials_compute_otts_function():
+    import jax
+    from ott.neural.networks.layers import posdef
+
+    from cellflow.solvers.neural_ot import _PosDefPotentials
+
+    x = jax.random.normal(jax.random.key(0), (7, 5))
+    for rank in (0, 2):
+        ott_layer = posdef.PosDefPotentials(num_potentials=3, rank=rank, kernel_diag_init=jax.nn.initializers.normal(1.0))
+        params = ott_layer.init(jax.random.key(1), x)
+        ours = _PosDefPotentials(num_potentials=3, rank=rank, kernel_diag_init=jax.nn.initializers.normal(1.0))
+        assert jax.tree.structure(ours.init(jax.random.key(1), x)) == jax.tree.structure(params)
+        np.testing.assert_allclose(ours.apply(params, x), ott_layer.apply(params, x), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_conditional_map_learns_gaussian_monge_map():
     adata, test, truth, variance = _gaussian_task(2, 2000, seed=2)
