@@ -384,14 +384,18 @@ def _potential(dim: int, config: DualConfig) -> icnn.ICNN:
     )
 
 
-def _quadratic_start(source: np.ndarray, target: np.ndarray, init: str) -> tuple[np.ndarray, np.ndarray]:
+def _quadratic_start(
+    source: np.ndarray, target: np.ndarray, init: str, max_cells: int = 10_000
+) -> tuple[np.ndarray, np.ndarray]:
     """``(F, b)`` with ``F F^T = M`` of the potential ``x^T M x / 2 + b^T x`` whose gradient is the
     starting map: the W2 map between Gaussian fits of ``source`` and ``target`` (``"gaussian"``),
     or the identity. The covariances are shrunk (Ledoit-Wolf) so that the map exists when a
-    condition has fewer cells than features (its sample covariance is singular)."""
+    condition has fewer cells than features (its sample covariance is singular). At most
+    ``max_cells`` of each side are used (the first ones, so the start is deterministic)."""
     dim = source.shape[1]
     if init != "gaussian":
         return np.eye(dim, dtype=np.float32), np.zeros(dim, np.float32)
+    source, target = source[:max_cells], target[:max_cells]
     matrix = monge_map_matrix(shrunk_covariance(source), shrunk_covariance(target))
     offset = target.mean(axis=0) - matrix @ source.mean(axis=0)
     return sqrtm_psd(matrix).astype(np.float32), offset.astype(np.float32)
