@@ -260,9 +260,9 @@ class Diffusion(Method):
         return arrays | subspaces.subspace_to_arrays(state.subspace, state.outside)
 
     def state_from_arrays(self, arrays, spec, options, embeddings) -> DiffusionState:
-        subspace, outside, spec, arrays = subspaces.subspace_from_arrays(arrays, spec)
+        subspace, outside, spec = subspaces.subspace_from_arrays(arrays, spec)
         graphdef, template = nnx.split(self.build(spec, embeddings.dim, options))
-        params = params_from_arrays({k: v for k, v in arrays.items() if not k.startswith("standardise/")}, template)
+        params = params_from_arrays(arrays, template)
         return DiffusionState(
             graphdef, params, pd.DataFrame(), np.asarray(arrays["standardise/loc"]), np.asarray(arrays["standardise/scale"]),
             subspace, outside,

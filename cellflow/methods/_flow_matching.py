@@ -405,7 +405,7 @@ class FlowMatching(Method):
     def state_from_arrays(self, arrays, spec, options, embeddings) -> FlowMatchingState:
         # The arrays say which space the field was trained in (models saved before the option
         # existed ran in the whole representation, whatever "auto" would choose now).
-        subspace, outside, spec, arrays = subspaces.subspace_from_arrays(arrays, spec)
+        subspace, outside, spec = subspaces.subspace_from_arrays(arrays, spec)
         graphdef, template = nnx.split(self.build(spec, embeddings.dim, options))
         params = params_from_arrays(arrays, template)
         prior = None
@@ -464,7 +464,8 @@ def params_to_arrays(params: Any) -> dict[str, np.ndarray]:
 
 def params_from_arrays(arrays: Mapping[str, np.ndarray], template: Any) -> Any:
     """Inverse of :func:`params_to_arrays`, shaped like ``template``; an array of another shape
-    (a model saved with other options or on other data) raises rather than running misshapen."""
+    (a model saved with other options or on other data) raises rather than running misshapen.
+    Arrays that are not parameters (a method's other saved state) are left alone."""
     leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
     restored = []
     for path, leaf in leaves:

@@ -301,7 +301,7 @@ class NeuralOT(Method):
         return arrays | subspaces.subspace_to_arrays(state.subspace, state.outside)
 
     def state_from_arrays(self, arrays, spec, options, embeddings):
-        subspace, outside, spec, arrays = subspaces.subspace_from_arrays(arrays, spec)
+        subspace, outside, spec = subspaces.subspace_from_arrays(arrays, spec)
         return self._state_from_arrays(arrays, spec, options, embeddings)._replace(subspace=subspace, outside=outside)
 
     def _state_from_arrays(self, arrays, spec, options, embeddings):

@@ -233,19 +233,14 @@ class SchrodingerBridge(Method):
             sde=options["sampler"] == "sde",
             n_steps=options["n_steps"],
         )
-        if state.subspace is None:
-            return np.asarray(ys[:, :n])
-        # without a time_key the clock runs from the source (0) to the treated cells (1)
-        return np.stack([
-            subspaces.leave_subspace(state.subspace, state.outside, y[:n], source, condition, spec, embeddings, float(t))
-            for y, t in zip(ys, np.asarray(clock))
-        ])
+        # with a subspace there is no time_key: the clock runs from the source (0) to the treated cells (1)
+        return subspaces.leave_subspace(state.subspace, state.outside, ys[:, :n], source, condition, spec, embeddings, clock)
 
     # -- persistence --------------------------------------------------------------------------
     def state_to_arrays(self, state: BridgeState) -> dict[str, np.ndarray]:
         return params_to_arrays(state.params) | subspaces.subspace_to_arrays(state.subspace, state.outside)
 
     def state_from_arrays(self, arrays, spec, options, embeddings) -> BridgeState:
-        subspace, outside, spec, arrays = subspaces.subspace_from_arrays(arrays, spec)
+        subspace, outside, spec = subspaces.subspace_from_arrays(arrays, spec)
         graphdef, template = nnx.split(self.build(spec, embeddings.dim, options))
         return BridgeState(graphdef, params_from_arrays(arrays, template), pd.DataFrame(), subspace, outside)

@@ -117,18 +117,22 @@ def enter_subspace(
         return None, data
     shift = MeanShift().fit(data, embeddings, {}, steps=None, batch_size=None, seed=0, progress=False)
     offset = shift.offset - (shift.offset @ subspace.basis) @ subspace.basis.T
-    basis = np.asarray(subspace.basis)  # numpy: the training cells stay on the host
-    projected = dataclasses.replace(
-        data,
-        cells=data.cells @ basis - np.asarray(subspace.mean) @ basis,
-        spec=dataclasses.replace(data.spec, n_features=subspace.n_components, feature_names=None),
-    )
+    projected = dataclasses.replace(data, cells=to_subspace(subspace, data.cells), spec=_spec_in(data.spec, subspace))
     return baselines.AffineResponse(offset), projected
 
 
+def _spec_in(spec: DataSpec, subspace: principal.Subspace) -> DataSpec:
+    """The data description a network fitted in ``subspace`` is built for."""
+    return dataclasses.replace(spec, n_features=subspace.n_components, feature_names=None)
+
+
 def to_subspace(subspace: principal.Subspace | None, cells: np.ndarray) -> np.ndarray:
-    """``(n, k)`` coordinates of ``cells`` in ``subspace`` (the cells themselves without one)."""
-    return cells if subspace is None else np.asarray(principal.project(subspace, jnp.asarray(cells)))
+    """``(n, k)`` float32 coordinates of ``cells`` in ``subspace`` (the cells themselves without
+    one), computed on the host: training cells are never copied to a device whole."""
+    if subspace is None:
+        return cells
+    on_host = principal.Subspace(np.asarray(subspace.mean), np.asarray(subspace.basis))
+    return principal.project(on_host, np.asarray(cells, np.float32))
 
 
 def leave_subspace(
@@ -139,16 +143,23 @@ def leave_subspace(
     condition: Condition,
     spec: DataSpec,
     embeddings: EmbeddingTable,
-    fraction: float = 1.0,
+    fraction: float | np.ndarray = 1.0,
 ) -> np.ndarray:
     """Source cells moved to the prediction ``z`` ``(n, k)`` inside the subspace and, outside it,
     by ``fraction`` of the condition's mean shift (:func:`outside_weights`); ``z`` itself without
-    a subspace. ``fraction`` places a point of a path (0 = the source, 1 = the end)."""
+    a subspace. ``fraction`` places a point of a path (0 = the source, 1 = the end); with a
+    ``(T,)`` array of them, ``z`` is a path ``(T, n, k)`` and so is the result."""
     if subspace is None:
         return np.asarray(z)
-    moved = principal.embed(subspace, jnp.asarray(z), jnp.asarray(source))
-    weights = fraction * outside_weights(condition, spec, embeddings)
-    return np.asarray(baselines.push(outside, moved, jnp.asarray(weights, jnp.float32)))
+    weights = jnp.asarray(outside_weights(condition, spec, embeddings), jnp.float32)
+    source = jnp.asarray(source)
+
+    def point(z, fraction):
+        return np.asarray(baselines.push(outside, principal.embed(subspace, jnp.asarray(z), source), fraction * weights))
+
+    if np.ndim(fraction) == 0:
+        return point(z, fraction)
+    return np.stack([point(z_t, f) for z_t, f in zip(z, np.asarray(fraction))])
 
 
 def outside_weights(condition: Condition, spec: DataSpec, embeddings: EmbeddingTable) -> np.ndarray:
@@ -195,14 +206,12 @@ def subspace_to_arrays(subspace: principal.Subspace | None, outside: baselines.A
 
 def subspace_from_arrays(
     arrays: Mapping[str, Any], spec: DataSpec
-) -> tuple[principal.Subspace | None, baselines.AffineResponse | None, DataSpec, dict[str, Any]]:
-    """``(subspace, outside, spec, rest)``: the saved subspace (``None`` for a model fitted in the
-    whole representation, as every model saved before the option was), the spec the network was
-    built for, and the other arrays."""
-    rest = {k: v for k, v in arrays.items() if k not in _ARRAYS}
+) -> tuple[principal.Subspace | None, baselines.AffineResponse | None, DataSpec]:
+    """``(subspace, outside, spec)``: the saved subspace (``None`` for a model fitted in the whole
+    representation, as every model saved before the option was) and the spec the network was
+    built for."""
     if "subspace/basis" not in arrays:
-        return None, None, spec, rest
+        return None, None, spec
     subspace = principal.Subspace(jnp.asarray(arrays["subspace/mean"]), jnp.asarray(arrays["subspace/basis"]))
     outside = baselines.AffineResponse(jnp.asarray(arrays["subspace/outside"]))
-    spec = dataclasses.replace(spec, n_features=subspace.n_components, feature_names=None)
-    return subspace, outside, spec, rest
+    return subspace, outside, _spec_in(spec, subspace)
