@@ -17,10 +17,11 @@ import numpy as np
 import pandas as pd
 
 from cellflow import __version__
-from cellflow._errors import CellflowKeyError, CellflowValueError, format_choices
+from cellflow._errors import CellflowKeyError, CellflowValueError, format_choices, user_stacklevel
 from cellflow.data import (
     DataSpec,
     EmbeddingTable,
+    embedding_axes,
     format_dose,
     get_representation,
     make_embedding_table,
@@ -41,6 +42,43 @@ def replaceable_model_path(path: str | os.PathLike) -> bool:
     """Whether ``save(path, overwrite=True)`` may replace what is at ``path``: a saved model or an empty directory."""
     path = Path(path)
     return path.is_dir() and ((path / _CONFIG_FILE).exists() or not any(path.iterdir()))
+
+
+def _checked_seed(seed: Any) -> int:
+    """``seed`` as an int, or an error naming it: a non-negative integer, numpy integers included."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise CellflowValueError(f"seed must be a non-negative integer, got {seed!r}.")
+    return int(seed)
+
+
+def _as_seen_numbers(values: list[str | None], seen: Sequence[str]) -> list[str | None]:
+    """``values`` with each one absent from ``seen`` replaced by the seen value of the same number, if any."""
+    numbers = {}
+    for value in seen:
+        try:
+            numbers.setdefault(float(value), value)
+        except ValueError:
+            continue
+    if not numbers:
+        return values
+    known = set(seen)
+
+    def matched(value: str | None) -> str | None:
+        if value is None or value in known:
+            return value
+        try:
+            return numbers.get(float(value), value)
+        except ValueError:
+            return value
+
+    return [matched(value) for value in values]
+
+
+def _umask() -> int:
+    """The process's file-creation mask (reading it means setting it, so it is set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 class ResponseModel:
@@ -202,7 +240,7 @@ class ResponseModel:
             self.options,
             steps=steps,
             batch_size=batch_size,
-            seed=int(seed),
+            seed=_checked_seed(seed),
             progress=progress,
             resume=resume,
         )
@@ -212,7 +250,8 @@ class ResponseModel:
     # -- predict ------------------------------------------------------------------------------
     def _source_array(self, source: ad.AnnData | np.ndarray) -> np.ndarray:
         if isinstance(source, ad.AnnData):
-            x = get_representation(source, self.rep)
+            x = get_representation(source, self.rep, features=self.spec_.feature_names)
+            self._warn_other_axes(source)
         else:
             x = np.array(source, dtype=np.float32)
             if x.ndim != 2:
@@ -225,6 +264,18 @@ class ResponseModel:
         if x.shape[0] == 0:
             raise CellflowValueError("source has no cells.")
         return x
+
+    def _warn_other_axes(self, source: ad.AnnData) -> None:
+        """Warn when the source's embedding records axes (a PCA) other than the training cells'."""
+        axes = embedding_axes(source, self.rep)
+        if self.spec_.axes is not None and axes is not None and axes != self.spec_.axes:
+            warnings.warn(
+                f"source.obsm[{self.rep!r}] is a PCA with other axes than the training cells' (its components "
+                "differ), so its coordinates mean something else to the model. Embed the source cells in the "
+                f"training PCA instead: cellflow.pp.project(source, reference=<training AnnData>, key={self.rep!r}).",
+                UserWarning,
+                stacklevel=user_stacklevel(),
+            )
 
     def _source_covariates(self, source: Any, covariates: Mapping[str, Any] | None) -> list[tuple[str | None, ...]]:
         """Covariate values of every source cell: from ``covariates``, else from ``source.obs``."""
@@ -248,6 +299,8 @@ class ResponseModel:
                 columns.append([None] * n)
                 continue
             given.add(key)
+        # 1 and 1.0 (an integer column in training, a float one here, or the reverse) are one value
+        columns = [_as_seen_numbers(column, self.spec_.covariate_values[key]) for key, column in zip(keys, columns)]
         self._warn_unseen_covariates(columns, given)
         return list(zip(*columns)) if keys else [()] * n
 
@@ -326,14 +379,16 @@ class ResponseModel:
         the prediction in the model's ``rep`` (``X``, the layer, or ``obsm``), ``obs`` copied from
         the source with ``obs[perturbation_key]`` (and ``obs[dose_key]`` written as the training
         data wrote doses, ``obs[time_key]``, the ``covariates``) set. Cells are named
-        ``"{source name}-{condition}"``, with ``"@{dose}"`` added when a condition is predicted
-        at several doses.
+        ``"{source name}-{condition}"`` (the condition as ``obs`` writes it), with ``"@{dose}"``
+        added when a condition is predicted at several doses, and made unique
+        (:func:`anndata.utils.make_index_unique`) where names would repeat.
 
         Warns when ``source.obs[perturbation_key]`` holds treated cells (predictions start from
         the source as if it were untreated) and about covariate values absent from training.
         """
         if not self.is_fitted:
             raise CellflowValueError("the model is not fitted; call model.fit() first.")
+        seed = _checked_seed(seed)
         x = self._source_array(source)
         perturbations = self._perturbation_labels(perturbation)
         if isinstance(dose, (list, tuple, np.ndarray, pd.Series)):
@@ -389,7 +444,7 @@ class ResponseModel:
                 else:
                     y[:, rows] = self._method.predict_path(*args, group_key, self.spec_.clock(times))
             blocks.append(y)
-        return self._assemble(source, blocks, conditions, perturbations, times, covariates)
+        return self._assemble(source, blocks, conditions, times, covariates)
 
     @staticmethod
     def _perturbation_labels(perturbation: Any) -> list[str]:
@@ -442,7 +497,7 @@ class ResponseModel:
             )
         return times
 
-    def _assemble(self, source, blocks, conditions, labels, times=None, covariates=None) -> ad.AnnData:
+    def _assemble(self, source, blocks, conditions, times=None, covariates=None) -> ad.AnnData:
         n = blocks[0].shape[1]
         if isinstance(source, ad.AnnData):
             base_obs = source.obs.copy()
@@ -452,9 +507,11 @@ class ResponseModel:
             names = base_obs.index
         for key, value in (covariates or {}).items():  # the cells were predicted as of these values
             base_obs[key] = str(value)
-        repeated = pd.Series([c.label for c in conditions]).duplicated(keep=False).to_numpy()
+        labels = [self.control if c.is_control else c.label for c in conditions]
+        repeated = pd.Series(labels).duplicated(keep=False).to_numpy()
         # the same condition at several doses: the dose tells the copies of a source cell apart
-        labels = [f"{label}@{self._dose_value(c)}" if again else label for label, c, again in zip(labels, conditions, repeated)]
+        if self.spec_.dose_key is not None:
+            labels = [f"{label}@{self._dose_value(c)}" if again else label for label, c, again in zip(labels, conditions, repeated)]
         frames = []
         for condition, label in zip(conditions, labels):
             for t in [None] if times is None else times:
@@ -469,6 +526,8 @@ class ResponseModel:
                 obs.index = [f"{name}-{label}{suffix}" for name in names]
                 frames.append(obs)
         obs = pd.concat(frames)
+        if not obs.index.is_unique:  # a condition asked for twice, or source cells of the same name
+            obs.index = ad.utils.make_index_unique(obs.index)
         obs[self.perturbation_key] = obs[self.perturbation_key].astype("category")
         prediction = np.concatenate([block.reshape(-1, block.shape[-1]) for block in blocks]).astype(np.float32)
         rep = self.rep
@@ -513,7 +572,7 @@ class ResponseModel:
         """
         if not self.is_fitted:
             raise CellflowValueError("the model is not fitted; nothing to save.")
-        path = Path(path)
+        path = Path(path).expanduser()
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
         if path.exists() and not replaceable_model_path(path):
@@ -524,6 +583,8 @@ class ResponseModel:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
         try:
+            # mkdtemp makes the directory private (0700); a saved model gets the usual permissions
+            os.chmod(tmp, 0o777 & ~_umask())
             config = {
                 "format_version": _FORMAT_VERSION,
                 "cellflow_version": __version__,
@@ -550,7 +611,7 @@ class ResponseModel:
     @classmethod
     def load(cls, path: str | os.PathLike) -> ResponseModel:
         """Load a model saved with :meth:`save`; it predicts exactly as the saved one did."""
-        path = Path(path)
+        path = Path(path).expanduser()
         config_file = path / _CONFIG_FILE
         if not config_file.exists():
             raise FileNotFoundError(f"{path} holds no saved cellflow model ({_CONFIG_FILE} missing).")

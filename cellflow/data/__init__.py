@@ -20,6 +20,8 @@ from cellflow.data._representation import (
     available_representations,
     check_finite,
     default_representation,
+    embedding_axes,
+    feature_columns,
     get_representation,
 )
 from cellflow.data._sampler import (
@@ -63,6 +65,8 @@ __all__ = [
     "encode_condition",
     "format_dose",
     "default_representation",
+    "embedding_axes",
+    "feature_columns",
     "get_representation",
     "holdout",
     "make_embedding_table",

@@ -21,9 +21,9 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from cellflow._errors import CellflowKeyError, CellflowValueError, format_choices
+from cellflow._errors import CellflowKeyError, CellflowValueError, format_choices, user_stacklevel
 from cellflow.data._conditions import COMBINATION_SEPARATOR, Condition, parse_condition
-from cellflow.data._representation import get_representation
+from cellflow.data._representation import embedding_axes, get_representation
 
 __all__ = ["ALL_CONTROLS", "TIME_COLUMN", "DataSpec", "ObsConditions", "PerturbationData", "check_obs_column", "parse_obs_conditions", "prepare"]
 
@@ -93,6 +93,9 @@ class DataSpec:
         (``groups["time"]``) and the process's clock runs from the controls' time to the last one.
     time_range
         ``(origin, end)``: the controls' time and the latest treated time (``time_key`` only).
+    axes
+        Fingerprint of the embedding's axes (:func:`~cellflow.data.embedding_axes`) when ``rep``
+        is a PCA that records them, else ``None``.
     """
 
     rep: str
@@ -111,6 +114,7 @@ class DataSpec:
     time_key: str | None = None
     time_range: tuple[float, float] | None = None
     dose_format: str = "short"
+    axes: str | None = None
 
     def clock(self, time: float | np.ndarray) -> np.ndarray:
         """Times in ``time_key`` units -> the process's clock in ``[0, 1]`` (0 = the controls)."""
@@ -148,6 +152,7 @@ class DataSpec:
             "dose_format": self.dose_format,
             "time_key": self.time_key,
             "time_range": None if self.time_range is None else list(self.time_range),
+            "axes": self.axes,
         }
         return json.dumps(payload)
 
@@ -171,6 +176,7 @@ class DataSpec:
             dose_format=p.get("dose_format", "short"),
             time_key=p.get("time_key"),
             time_range=None if p.get("time_range") is None else tuple(map(float, p["time_range"])),
+            axes=p.get("axes"),
         )
 
 
@@ -209,6 +215,21 @@ class PerturbationData:
     def target_cells(self, group: int) -> np.ndarray:
         """``(n, d)`` treated cells of ``group``."""
         return self.cells[self.group_index[group]]
+
+
+def _warn_if_counts(cells: np.ndarray, rep: str) -> None:
+    """Warn when ``cells`` (a row sample) look like raw counts: non-negative integers above 1."""
+    rows = np.unique(np.linspace(0, len(cells) - 1, min(len(cells), 1000)).astype(int))
+    sample = cells[rows]
+    if sample.size and sample.max() > 1 and sample.min() >= 0 and np.array_equal(sample, np.round(sample)):
+        warnings.warn(
+            f"rep={rep!r} looks like raw counts (non-negative integers, max {sample.max():.4g}). Every method "
+            "moves cells in the space it is given: in raw counts library size dominates the distances, and "
+            "predictions are not counts (they can be negative or fractional). Log-normalise first "
+            "(cellflow.pp.log_normalize) and usually reduce the genes (cellflow.pp.pca, then rep='X_pca').",
+            UserWarning,
+            stacklevel=user_stacklevel(),
+        )
 
 
 def prepare(
@@ -275,6 +296,7 @@ def prepare(
             f"covariate_keys={list(covariate_keys)!r} must not contain the perturbation or dose column."
         )
     cells = get_representation(adata, rep)
+    _warn_if_counts(cells, rep)
 
     control = str(control)
     times, time_range = None, None
@@ -352,6 +374,7 @@ def prepare(
         time_key=time_key,
         time_range=time_range,
         dose_format=_dose_format(adata.obs[dose_key][~conditions.is_control]) if dose_key is not None else "short",
+        axes=embedding_axes(adata, rep),
     )
     partners = None
     if pair_key is not None:
@@ -374,6 +397,10 @@ class ObsConditions:
 
     def labels(self) -> np.ndarray:
         return np.array([c.label for c in self.unique], dtype=object)[self.codes]
+
+
+#: Perturbation labels that are missing values turned into text.
+_MISSING_TEXT = frozenset({"nan", "none", "<na>", "null"})
 
 
 def parse_obs_conditions(adata: ad.AnnData, perturbation_key: str, control: str, dose_key: str | None = None) -> ObsConditions:
@@ -407,7 +434,24 @@ def parse_obs_conditions(adata: ad.AnnData, perturbation_key: str, control: str,
     doses = adata.obs[dose_key].to_numpy() if dose_key is not None else np.full(adata.n_obs, None, dtype=object)
     # Parse each distinct (label, dose) pair once: tables have millions of cells but few conditions.
     codes, first = _factorize_pairs(labels, doses)
-    unique = [parse_condition(labels[i], doses[i], control=control, dose_key=dose_key) for i in first]
+    unique = []
+    for code, i in enumerate(first):
+        try:
+            unique.append(parse_condition(labels[i], doses[i], control=control, dose_key=dose_key))
+        except CellflowValueError as error:
+            cells = adata.obs_names[codes == code]
+            raise CellflowValueError(
+                f"adata.obs[{perturbation_key!r}] of {len(cells)} cell(s) (first: {cells[:3].tolist()}): {error}"
+            ) from None
+    missing_like = sorted(v for v in set(labels) if v.strip().lower() in _MISSING_TEXT)
+    if missing_like:
+        warnings.warn(
+            f"adata.obs[{perturbation_key!r}] holds {format_choices(missing_like)}, which reads like a missing value "
+            "written as text (e.g. by .astype(str)); it is treated as a perturbation. Drop those cells, or keep "
+            "the column's missing values as NaN, which are refused with the cells named.",
+            UserWarning,
+            stacklevel=3,
+        )
     conditions = ObsConditions(unique, codes)
     if dose_key is not None:
         # a treated cell without a dose would silently join (or invent) the default-dose group

@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import hashlib
+import warnings
+from collections.abc import Mapping, Sequence
+
 import anndata as ad
+import h5py
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 
-from cellflow._errors import CellflowKeyError, CellflowValueError, format_choices
+from cellflow._errors import CellflowKeyError, CellflowValueError, format_choices, user_stacklevel
 
-__all__ = ["available_representations", "check_finite", "default_representation", "get_representation"]
+__all__ = [
+    "available_representations",
+    "check_finite",
+    "default_representation",
+    "embedding_axes",
+    "feature_columns",
+    "get_representation",
+]
 
 
 def default_representation(adata: ad.AnnData) -> str:
@@ -23,19 +36,25 @@ def available_representations(adata: ad.AnnData) -> list[str]:
     return ["X", *adata.obsm.keys(), *adata.layers.keys()]
 
 
-def get_representation(adata: ad.AnnData, rep: str = "X", *, dtype=np.float32, check: bool = True) -> np.ndarray:
+def get_representation(
+    adata: ad.AnnData, rep: str = "X", *, dtype=np.float32, check: bool = True, features: Sequence[str] | None = None
+) -> np.ndarray:
     """Return the cells of ``adata`` in representation ``rep`` as a dense array.
 
     Parameters
     ----------
     adata
-        The AnnData.
+        The AnnData (in memory or opened with ``backed="r"``).
     rep
         ``"X"``, an ``obsm`` key (looked up first) or a layer name.
     dtype
         dtype of the returned array.
     check
         Raise if the array holds NaN or inf.
+    features
+        For ``"X"`` and layers: the var names wanted, in their order. Columns are then matched
+        by name, so ``adata`` may hold its genes in another order or more genes; see
+        :func:`feature_columns` for names that are missing.
 
     Returns
     -------
@@ -58,6 +77,15 @@ def get_representation(adata: ad.AnnData, rep: str = "X", *, dtype=np.float32, c
         others = [r for r in available_representations(adata) if r != "X"]
         choices = f"valid choices: {format_choices(others)}" if others else "this AnnData holds no other representation"
         raise CellflowValueError(f"rep={rep!r} is empty (adata.X is None); {choices}.")
+    if hasattr(matrix, "to_memory"):  # a sparse matrix of an AnnData opened with backed="r"
+        matrix = matrix.to_memory()
+    elif isinstance(matrix, h5py.Dataset):  # a dense matrix of an AnnData opened with backed="r"
+        matrix = matrix[()]
+    columns = None
+    if features is not None and rep not in adata.obsm:
+        columns = feature_columns(adata.var_names, features, rep)
+    if columns is not None:
+        matrix = matrix[:, columns]
     if sp.issparse(matrix):
         array = np.asarray(matrix.toarray(), dtype=dtype)
     elif hasattr(matrix, "to_numpy"):  # obsm entries may be DataFrames
@@ -80,3 +108,63 @@ def check_finite(array: np.ndarray, rep: str) -> None:
             f"rep={rep!r} holds NaN or inf values in {bad_rows.size} cell(s) (first row indices: "
             f"{bad_rows[:5].tolist()}); remove or impute them first."
         )
+
+
+def feature_columns(var_names: Sequence[str], features: Sequence[str], rep: str = "X") -> np.ndarray | None:
+    """Positions in ``var_names`` of ``features`` (the var names a model or a prediction holds).
+
+    Returns ``None`` when the columns are already those features in that order, or when no name
+    is shared at all (an AnnData built from an array, with var names ``"0"``, ``"1"``, ...): the
+    columns are then taken by position, with a warning unless the names are those defaults.
+
+    Raises
+    ------
+    CellflowValueError
+        Some features, but not all, are among ``var_names``, or ``var_names`` holds duplicates.
+    """
+    var_names, features = pd.Index([str(v) for v in var_names]), pd.Index([str(f) for f in features])
+    if var_names.equals(features):
+        return None
+    shared = features.isin(var_names)
+    if not shared.any():
+        if not var_names.equals(pd.Index([str(i) for i in range(len(var_names))])):
+            warnings.warn(
+                f"rep={rep!r}: no var name is one of the expected features ({format_choices(list(features), limit=3)}), "
+                "so columns are matched by position; rename var_names to the features to match them by name.",
+                UserWarning,
+                stacklevel=user_stacklevel(),
+            )
+        return None
+    if not shared.all():
+        missing = list(features[~shared])
+        raise CellflowValueError(
+            f"rep={rep!r} lacks {len(missing)} of the {len(features)} expected features: {format_choices(missing, limit=10)}. "
+            "Columns are matched by var name; give cells measured on the same features."
+        )
+    if not var_names.is_unique:
+        duplicated = list(var_names[var_names.duplicated()].unique())
+        raise CellflowValueError(
+            f"rep={rep!r}: var_names hold duplicates ({format_choices(duplicated, limit=10)}), so features cannot be matched "
+            "by name; call adata.var_names_make_unique() first."
+        )
+    return var_names.get_indexer(features)
+
+
+def embedding_axes(adata: ad.AnnData, rep: str) -> str | None:
+    """A fingerprint of the axes of the embedding ``obsm[rep]``, or ``None`` where none is recorded.
+
+    The axes are those of :func:`cellflow.pp.pca` (``uns[rep]["components"]``), or of scanpy's
+    PCA (``varm["PCs"]``) for ``rep="X_pca"``. Cells embedded on the same axes (a subset of one
+    AnnData, or new cells put through :func:`cellflow.pp.project`) share the fingerprint; a PCA
+    computed on other cells does not.
+    """
+    if rep not in adata.obsm:
+        return None
+    info = adata.uns.get(rep)
+    if isinstance(info, Mapping) and "components" in info:
+        axes = np.asarray(info["components"])
+    elif rep == "X_pca" and "PCs" in adata.varm:
+        axes = np.asarray(adata.varm["PCs"])
+    else:
+        return None
+    return hashlib.sha1(np.ascontiguousarray(axes, dtype=np.float32).tobytes() + str(axes.shape).encode()).hexdigest()

@@ -623,8 +623,8 @@ def _group_indices(obs: pd.DataFrame, columns: list[str]) -> dict[tuple[Hashable
     return {(k if isinstance(k, tuple) else (k,)): np.asarray(v) for k, v in grouped.items()}
 
 
-def _resolve_features(features: Sequence[Any] | np.ndarray | None, truth: ad.AnnData, n_features: int, rep: str):
-    """``features`` (var names, integer indices or a boolean mask) as column indices."""
+def _resolve_features(features: Sequence[Any] | np.ndarray | None, reference: ad.AnnData, n_features: int, rep: str):
+    """``features`` (var names of ``reference``, integer indices or a boolean mask) as column indices."""
     if features is None:
         return None
     if isinstance(features, str):
@@ -633,17 +633,17 @@ def _resolve_features(features: Sequence[Any] | np.ndarray | None, truth: ad.Ann
     if feats.ndim != 1 or feats.size == 0:
         raise CellflowValueError(f"features must be a non-empty 1-d list of var names or indices, got {features!r}.")
     if feats.dtype.kind in "USO" and all(isinstance(f, str) for f in feats.tolist()):
-        if (rep != "X" and rep in truth.obsm) or n_features != truth.n_vars:
+        if (rep != "X" and rep in reference.obsm) or n_features != reference.n_vars:
             raise CellflowValueError(
                 f"features are var names, but rep={rep!r} is not indexed by var (it has {n_features} columns, "
-                f"truth has {truth.n_vars} vars); pass integer column indices for this representation."
+                f"the AnnData has {reference.n_vars} vars); pass integer column indices for this representation."
             )
-        positions = truth.var_names.get_indexer(feats)
+        positions = reference.var_names.get_indexer(feats)
         missing = feats[positions < 0].tolist()
         if missing:
             raise CellflowKeyError(
-                f"features {format_choices(missing, limit=10)} are not in truth.var_names "
-                f"(e.g. {format_choices(truth.var_names[:10])})."
+                f"features {format_choices(missing, limit=10)} are not var names of the predictions "
+                f"(e.g. {format_choices(reference.var_names[:10])})."
             )
         return positions
     return _column_index(feats, n_features)
@@ -680,7 +680,9 @@ def evaluate(
         Representation used for every metric: ``"X"``, an ``obsm`` key or a layer
         (:func:`cellflow.data.get_representation`), the same in ``pred``, ``truth`` and
         ``control``. ``None``: the one ``pred`` was predicted in (``ResponseModel.predict``
-        records it), else ``"X"``.
+        records it), else ``"X"``. For ``"X"`` and layers, the columns of ``truth`` and
+        ``control`` are matched to ``pred``'s var names, so they may hold their genes in
+        another order or more genes (:func:`cellflow.data.feature_columns`).
     groupby
         obs column, or list of columns, present in both ``pred`` and ``truth``; one row is
         returned per combination present in ``truth`` (sorted). ``None`` compares the whole
@@ -758,14 +760,18 @@ def evaluate(
             )
 
     x_all = get_representation(pred, rep)
-    y_all = get_representation(truth, rep)
-    c_all = get_representation(control, rep) if control is not None else None
+    # genes are matched by name: truth and control may hold them in another order, or more of them
+    var_order = None if rep in pred.obsm else list(pred.var_names)
+    y_all = get_representation(truth, rep, features=var_order)
+    c_all = get_representation(control, rep, features=var_order) if control is not None else None
     widths = {"pred": x_all.shape[1], "truth": y_all.shape[1]}
     if c_all is not None:
         widths["control"] = c_all.shape[1]
     if len(set(widths.values())) > 1:
         raise CellflowValueError(f"rep={rep!r} has different numbers of columns: {widths}.")
-    cols = _resolve_features(features, truth, y_all.shape[1], rep)
+    # after matching by name the columns follow pred's var order, else (no shared name) truth's
+    named = var_order is not None and pred.var_names.isin(truth.var_names).any()
+    cols = _resolve_features(features, pred if named else truth, y_all.shape[1], rep)
 
     truth_groups = _group_indices(truth.obs, group_cols)
     pred_groups = _group_indices(pred.obs, group_cols)

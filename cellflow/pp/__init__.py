@@ -1,7 +1,7 @@
 """Preprocessing, following scanpy habits (AnnData in, a new AnnData out unless told otherwise).
 
 * Expression (:mod:`cellflow.pp._expression`): :func:`log_normalize`, :func:`pca` with
-  :func:`decode` / :func:`decode_adata` back to genes, :func:`top_degs`,
+  :func:`project` (new cells onto its axes) and :func:`decode` / :func:`decode_adata` back to genes, :func:`top_degs`,
   :func:`standardize_to_control`.
 * Image-based profiles (:mod:`cellflow.pp._profiles`): :func:`normalize_plates` (robust z,
   z, sphering, typical-variation normalisation against controls), :func:`select_features`,
@@ -21,6 +21,7 @@ from cellflow.pp._expression import (
     decode_adata,
     log_normalize,
     pca,
+    project,
     standardize_to_control,
     top_degs,
 )
@@ -35,6 +36,7 @@ from cellflow.pp._profiles import (
 __all__ = [
     "log_normalize",
     "pca",
+    "project",
     "decode",
     "decode_adata",
     "top_degs",

@@ -22,10 +22,10 @@ import scanpy as sc
 import scipy.sparse as sp
 
 from cellflow._errors import CellflowKeyError, CellflowValueError, format_choices
-from cellflow.data._representation import get_representation
+from cellflow.data._representation import feature_columns, get_representation
 from cellflow.pp._features import feature_table
 
-__all__ = ["log_normalize", "pca", "decode", "decode_adata", "top_degs", "standardize_to_control"]
+__all__ = ["log_normalize", "pca", "project", "decode", "decode_adata", "top_degs", "standardize_to_control"]
 
 _DEG_METHODS = ("wilcoxon", "t-test", "t-test_overestim_var")
 _CONTROL = "__cellflow_control__"  # internal label of control cells in top_degs
@@ -452,6 +452,60 @@ def decode_adata(
     else:
         var = pd.DataFrame(index=var_names)
     return ad.AnnData(X=decoded, obs=adata.obs.copy(), var=var)
+
+
+def project(
+    adata: ad.AnnData, reference: ad.AnnData | Mapping[str, Any], *, key: str = "X_pca", copy: bool = True
+) -> ad.AnnData | None:
+    """Embed new cells in a PCA fitted earlier with :func:`pca` (on other cells).
+
+    A model trained in a PCA space predicts only from cells embedded on the same axes: a new
+    patient's control cells, measured later, go through this function with the training data
+    as ``reference``, not through a PCA of their own.
+
+    Parameters
+    ----------
+    adata
+        The new cells, holding the PCA's genes in ``X`` or in the layer the PCA read (matched by
+        var name: other genes, and another gene order, are fine).
+    reference
+        The AnnData on which :func:`pca` was run (its ``uns[key]`` is read), or that dict itself.
+    key
+        ``key_added`` used in :func:`pca`; also where the embedding is written.
+    copy
+        If ``True`` (default), return a new AnnData; if ``False``, write into ``adata`` and return
+        ``None``.
+
+    Returns
+    -------
+    ``obsm[key]``: ``(n_obs, n_comps)``, ``(x - mean) @ components.T`` with the reference's mean
+    and components; ``uns[key]``: a copy of the reference's PCA description (so :func:`decode`
+    works on the new cells, and a model can tell that both are on the same axes).
+
+    Raises
+    ------
+    CellflowValueError
+        ``adata`` lacks some of the PCA's genes (they are named).
+    """
+    info = _pca_info(reference, key)
+    components, mean = np.asarray(info["components"]), np.asarray(info["mean"])
+    rep = str(info.get("rep", "X"))
+    matrix = _gene_matrix(adata, rep)
+    if "var_names" in info:
+        columns = feature_columns(adata.var_names, np.asarray(info["var_names"]).astype(str), rep)
+        if columns is not None:
+            matrix = matrix[:, columns]
+    if matrix.shape[1] != components.shape[1]:
+        raise CellflowValueError(
+            f"rep={rep!r} of adata has {matrix.shape[1]} genes but the PCA {key!r} was fitted on {components.shape[1]}."
+        )
+    _check_finite_matrix(matrix, "rep", rep)
+    # x @ C.T - mean @ C.T: a sparse matrix is never densified
+    embedding = np.asarray(matrix @ components.T, dtype=np.float64) - mean.astype(np.float64) @ components.T.astype(np.float64)
+    out = adata.copy() if copy else adata
+    out.obsm[key] = embedding.astype(components.dtype)
+    out.uns[key] = {k: (np.array(v, copy=True) if isinstance(v, np.ndarray) else v) for k, v in info.items()}
+    return out if copy else None
 
 
 # --------------------------------------------------------------------------------------------
