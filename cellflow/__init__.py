@@ -9,9 +9,30 @@
 
 __version__ = "0.1.0"
 
-from cellflow import data, datasets, methods, metrics, nn, pl, pp, solvers, train  # noqa: E402
-from cellflow._errors import CellflowKeyError, CellflowValueError  # noqa: E402
-from cellflow.model import ResponseModel  # noqa: E402
+import importlib
+from typing import TYPE_CHECKING
+
+from cellflow._errors import CellflowKeyError, CellflowValueError
+
+if TYPE_CHECKING:
+    from cellflow import data, datasets, methods, metrics, nn, pl, pp, solvers, train
+    from cellflow.model import ResponseModel
+
+# Submodules load on first use (PEP 562): JAX, ott-jax and anndata take seconds to import, which
+# ``cellflow --help``, a mistyped command line or a script that only reads a file need not pay.
+_SUBMODULES = ("data", "datasets", "methods", "metrics", "nn", "pl", "pp", "solvers", "train")
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"cellflow.{name}")
+    if name == "ResponseModel":
+        return importlib.import_module("cellflow.model").ResponseModel
+    raise AttributeError(f"module 'cellflow' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
 
 __all__ = [
     "CellflowKeyError",

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,7 +37,9 @@ def _key_values(items: Sequence[str] | None, what: str) -> dict:
     parsed = {}
     for item in items or ():
         if "=" not in item:
-            raise SystemExit(f"cellflow: {what} {item!r} must look like key=value")
+            from cellflow._errors import CellflowValueError
+
+            raise CellflowValueError(f"{what} {item!r} must look like key=value")
         key, value = item.split("=", 1)
         try:
             parsed[key] = json.loads(value)
@@ -172,8 +175,8 @@ def _evaluate(args) -> int:
     import cellflow as cf
 
     _check_out_file(args.out)
-    pred, truth = (_read_cells(path, args.obs_column, [args.groupby]) for path in (args.pred, args.truth))
-    control = _read_cells(args.control, args.obs_column, [args.groupby]) if args.control else None
+    pred, truth = (_read_cells(path, args.obs_column, args.groupby) for path in (args.pred, args.truth))
+    control = _read_cells(args.control, args.obs_column, args.groupby) if args.control else None
     table = cf.metrics.evaluate(
         pred, truth, rep=args.rep, groupby=args.groupby, control=control, metrics=tuple(args.metric), max_cells=args.max_cells
     )
@@ -477,7 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("pred")
     evaluate.add_argument("truth")
     evaluate.add_argument("--rep", default=None, help="'X', a layer or an obsm key (default: the one PRED was predicted in, else X)")
-    evaluate.add_argument("--groupby", default="condition")
+    evaluate.add_argument("--groupby", action="append", metavar="COL",
+                          help="obs column to group cells by (repeatable; default: condition)")
     evaluate.add_argument("--control", default=None, help="file of control cells, for delta metrics")
     evaluate.add_argument("--obs-column", action="append", metavar="COL", help="csv/tsv/parquet column to keep as metadata although numeric")
     evaluate.add_argument("--metric", action="extend", nargs="+", default=None)
@@ -493,13 +497,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "evaluate" and args.metric is None:
         args.metric = ["energy_distance", "mmd", "sinkhorn_divergence", "r2_mean"]
+    if args.command == "evaluate" and args.groupby is None:
+        args.groupby = ["condition"]
     from cellflow._errors import CellflowKeyError, CellflowValueError
 
-    try:
-        return args.func(args)
-    except (CellflowKeyError, CellflowValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"cellflow {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    def show_warning(message, category, filename, lineno, file=None, line=None):
+        # the library's own source line means nothing to someone at a shell prompt
+        print(f"cellflow {args.command}: warning: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show_warning
+        try:
+            return args.func(args)
+        except (CellflowKeyError, CellflowValueError, FileNotFoundError, FileExistsError) as err:
+            print(f"cellflow {args.command}: error: {err}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

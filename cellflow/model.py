@@ -21,6 +21,7 @@ from cellflow._errors import CellflowKeyError, CellflowValueError, format_choice
 from cellflow.data import (
     DataSpec,
     EmbeddingTable,
+    check_finite,
     embedding_axes,
     format_dose,
     get_representation,
@@ -232,8 +233,15 @@ class ResponseModel:
                 "this model was loaded from disk without its training data; build a new ResponseModel to refit."
             )
         for name, value in (("steps", steps), ("batch_size", batch_size)):
-            if value is not None and (not isinstance(value, (int, np.integer)) or value <= 0):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0):
                 raise CellflowValueError(f"{name}={value!r} must be a positive integer or None.")
+        largest = int(max(self.spec_.groups["n_cells"].max(), self.spec_.pools["n_cells"].max()))
+        if batch_size is not None and batch_size > largest:
+            raise CellflowValueError(
+                f"batch_size={batch_size} is more cells than any group holds (the largest holds {largest}): a batch "
+                "draws the cells of one group, so a larger one only repeats them, and the OT coupling's memory grows "
+                f"with batch_size squared; choose at most {largest}."
+            )
         self.state_ = self._method.fit(
             self._data,
             self.embeddings_,
@@ -256,6 +264,7 @@ class ResponseModel:
             x = np.array(source, dtype=np.float32)
             if x.ndim != 2:
                 raise CellflowValueError(f"source must be an AnnData or a (cells, features) array, got shape {x.shape}.")
+            check_finite(x, self.rep, name="source")
         if x.shape[1] != self.spec_.n_features:
             raise CellflowValueError(
                 f"source has {x.shape[1]} features in rep={self.rep!r} but the model was trained on "
@@ -399,6 +408,9 @@ class ResponseModel:
                 )
         else:
             doses = [dose] * len(perturbations)
+        for d in doses:
+            if isinstance(d, (float, np.floating)) and np.isnan(d):
+                raise CellflowValueError(f"dose={dose!r} holds NaN; give a positive number, or None for the default dose.")
         if self.spec_.dose_key is None and any(d is not None for d in doses):
             raise CellflowValueError(
                 f"dose={dose!r} was given, but the model was built without a dose_key, so it cannot tell doses "
@@ -414,6 +426,7 @@ class ResponseModel:
                     "control: the source cells themselves)."
                 )
         self._warn_treated_source(source)
+        self._warn_dose_extrapolation(conditions, doses)
         for condition in conditions:
             for member in condition.members:
                 self.embeddings_.index(member)  # raises for unknown perturbations without embedding
@@ -459,6 +472,27 @@ class ResponseModel:
             if label is None or (isinstance(label, float) and np.isnan(label)):
                 raise CellflowValueError(f"perturbation={perturbation!r} must name conditions such as 'A' or 'A+B', not {label!r}.")
         return [str(label) for label in labels]
+
+    def _warn_dose_extrapolation(self, conditions: list, doses: list) -> None:
+        """Warn about given doses of a member outside the range of its doses in training."""
+        if self.spec_.dose_key is None:
+            return
+        seen: dict[str, list[float]] = {}
+        for condition in self.spec_.group_conditions:
+            for member, d in zip(condition.members, condition.doses):
+                seen.setdefault(member, []).append(d)
+        outside = []
+        for condition, given in zip(conditions, doses):
+            for member, d in zip(condition.members, condition.doses):
+                if given is not None and member in seen and not min(seen[member]) <= d <= max(seen[member]):
+                    outside.append(f"{member} at {d:g} (trained on {min(seen[member]):g} to {max(seen[member]):g})")
+        if outside:
+            warnings.warn(
+                f"doses outside those seen in training: {', '.join(sorted(set(outside)))}; the prediction extrapolates "
+                "(mean_shift and gaussian_ot take the nearest seen dose).",
+                UserWarning,
+                stacklevel=user_stacklevel(),
+            )
 
     def _warn_treated_source(self, source: Any) -> None:
         """Predictions start from the source as if untreated: say so when ``source.obs`` says otherwise."""

@@ -86,8 +86,8 @@ def metric_bars(
     table: pd.DataFrame,
     *,
     metric: str = "energy_distance",
-    x: str = "task",
-    hue: str = "method",
+    x: str | None = None,
+    hue: str | None = None,
     order: Sequence[str] | None = None,
     ax=None,
     log: bool = False,
@@ -97,14 +97,29 @@ def metric_bars(
     Parameters
     ----------
     table
-        Tidy results with columns ``x``, ``hue`` and ``metric``.
+        Tidy results with columns ``x``, ``metric`` and, if given, ``hue``: a benchmark's table
+        (``cellflow bench``, ``experiments/run.py``) or :func:`cellflow.metrics.evaluate`'s.
+    x
+        Column of the bar groups; default ``"task"`` if the table has it, else its first
+        column of labels (e.g. ``"condition"`` of an ``evaluate`` table).
+    hue
+        Column of the bars within a group; default ``"method"`` if the table has it, else one
+        bar per group.
     order
         Order of the ``hue`` values (default: first appearance).
     """
-    for column in (x, hue, metric):
+    if x is None:
+        labels = [c for c in table.columns if not pd.api.types.is_numeric_dtype(table[c]) and c != hue]
+        x = "task" if "task" in table.columns else (labels[0] if labels else "task")
+    if hue is None and "method" in table.columns and x != "method":
+        hue = "method"
+    for column in (x, metric) if hue is None else (x, hue, metric):
         if column not in table.columns:
             raise CellflowKeyError(f"column {column!r} is not in the table; valid choices: {format_choices(table.columns)}.")
-    means = table.groupby([x, hue], sort=False)[metric].mean().unstack(hue)
+    if hue is None:
+        means = table.groupby(x, sort=False)[metric].mean().to_frame(metric)
+    else:
+        means = table.groupby([x, hue], sort=False)[metric].mean().unstack(hue)
     if order is not None:
         means = means[[h for h in order if h in means.columns]]
     ax = _axes(ax)
@@ -117,7 +132,8 @@ def metric_bars(
     ax.set_ylabel(metric.replace("_", " "))
     if log:
         ax.set_yscale("log")
-    ax.legend(frameon=False, fontsize="small")
+    if hue is not None:
+        ax.legend(frameon=False, fontsize="small")
     return ax
 
 

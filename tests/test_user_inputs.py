@@ -164,3 +164,74 @@ def test_save_expands_the_home_directory_and_is_readable_by_others(model, tmp_pa
     source.var_names = GENES
     np.testing.assert_array_equal(cf.ResponseModel.load("~/my model").predict(source, "A", dose=1.0).X,
                                   model.predict(source, "A", dose=1.0).X)
+
+
+def test_metrics_refuse_anndata_at_once(toy):
+    with pytest.raises(cf.CellflowValueError, match=r"x is an AnnData; pass its cells as an array"):
+        cf.metrics.energy_distance(toy, toy.X)
+
+
+def test_fit_arguments_given_as_options_and_oversized_batches(toy):
+    with pytest.raises(cf.CellflowKeyError, match=r"steps is an argument of fit\(\): model.fit\(steps=30\)"):
+        cf.ResponseModel(toy, rep="X", method="flow_matching", steps=30)
+    with pytest.raises(cf.CellflowValueError, match="batch_size=1000000 is more cells than any group holds"):
+        cf.ResponseModel(toy, rep="X", method="flow_matching").fit(batch_size=10**6)
+
+
+def test_doses_must_be_positive_in_training_and_given(toy, model):
+    with pytest.raises(cf.CellflowValueError, match="holds NaN"):
+        model.predict(controls(toy), "A", dose=float("nan"))
+    adata = toy.copy()
+    adata.obs["dose"] = adata.obs["dose"].astype(str).where(adata.obs.condition != "B", "0")
+    with pytest.raises(cf.CellflowValueError, match=r"cell\(s\) of 'B' .* have dose '0'; a treated cell's doses must be positive"):
+        cf.ResponseModel(adata, rep="X", dose_key="dose", method="mean_shift")
+    with pytest.warns(UserWarning, match=r"doses outside those seen in training: A at 1000 \(trained on 1 to 10\)"):
+        model.predict(controls(toy), "A", dose=1000.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.predict(controls(toy), "A", dose=3.0)
+
+
+def test_evaluate_groups_doses_written_as_text_or_numbers(toy, model):
+    pred = model.predict(controls(toy), ["A", "B"], dose=[10.0, 10.0])
+    truth = toy[(toy.obs.condition.isin(["A", "B"])) & (toy.obs.dose == "10.0") & (toy.obs.patient == "P1")].copy()
+    truth.obs["dose"] = truth.obs["dose"].astype(float)
+    table = cf.metrics.evaluate(pred, truth, rep="X", groupby=["condition", "dose"], metrics=["r2_mean"])
+    assert table["r2_mean"].min() > 0.99 and len(table) == 2
+
+
+def test_metric_bars_reads_an_evaluate_table(toy, model):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    pred = model.predict(controls(toy), ["A", "B"], dose=[1.0, 1.0])
+    truth = toy[toy.obs.condition.isin(["A", "B"]) & (toy.obs.dose == "1.0") & (toy.obs.patient == "P1")]
+    ax = cf.pl.metric_bars(cf.metrics.evaluate(pred, truth, rep="X", groupby="condition", metrics=["energy_distance"]))
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["A", "B"]
+
+
+def test_cli_groupby_repeats_and_key_value_errors(toy, model, tmp_path, capsys):
+    from cellflow.cli import main
+
+    pred = model.predict(toy[toy.obs.condition == "control"], "A", dose=1.0)
+    truth = toy[(toy.obs.condition == "A") & (toy.obs.dose == "1.0")].copy()
+    pred.write_h5ad(tmp_path / "pred.h5ad")
+    truth.write_h5ad(tmp_path / "truth.h5ad")
+    assert main(["evaluate", str(tmp_path / "pred.h5ad"), str(tmp_path / "truth.h5ad"), "--rep", "X",
+                 "--groupby", "condition", "--groupby", "patient", "--metric", "r2_mean"]) == 0
+    out = capsys.readouterr().out
+    assert "condition" in out and "P2" in out
+    toy.write_h5ad(tmp_path / "train.h5ad")
+    assert main(["train", str(tmp_path / "train.h5ad"), "--out", str(tmp_path / "m"), "--rep", "X",
+                 "--method", "mean_shift", "--option", "learning_rate"]) == 2
+    assert "cellflow train: error: --option 'learning_rate' must look like key=value" in capsys.readouterr().err
+
+
+def test_sphering_does_not_depend_on_feature_units():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 8)) @ rng.normal(size=(8, 8))
+    obs = {"compound": ["DMSO"] * 40 + ["drug"] * 20, "plate": ["p1"] * 60}
+    scaled = x * np.array([1000.0, 1, 1, 1, 0.001, 1, 1, 1])
+    a = cf.pp.normalize_plates(ad.AnnData(X=x.astype(np.float32), obs=obs), method="sphering")
+    b = cf.pp.normalize_plates(ad.AnnData(X=scaled.astype(np.float32), obs=obs), method="sphering")
+    np.testing.assert_allclose(a.X, b.X, atol=1e-3)

@@ -443,6 +443,15 @@ def parse_obs_conditions(adata: ad.AnnData, perturbation_key: str, control: str,
             raise CellflowValueError(
                 f"adata.obs[{perturbation_key!r}] of {len(cells)} cell(s) (first: {cells[:3].tolist()}): {error}"
             ) from None
+    if dose_key is not None:
+        for code, condition in enumerate(unique):
+            if not condition.is_control and not all(np.isfinite(d) and d > 0 for d in condition.doses):
+                cells = adata.obs_names[codes == code]
+                raise CellflowValueError(
+                    f"dose_key={dose_key!r}: {len(cells)} cell(s) of {condition.label!r} (first: {cells[:3].tolist()}) have "
+                    f"dose {adata.obs[dose_key].iloc[first[code]]!r}; a treated cell's doses must be positive concentrations "
+                    "(no treatment is the control; if the column holds log doses, give 10 ** dose)."
+                )
     missing_like = sorted(v for v in set(labels) if v.strip().lower() in _MISSING_TEXT)
     if missing_like:
         warnings.warn(

@@ -99,13 +99,16 @@ def get_representation(
     return array
 
 
-def check_finite(array: np.ndarray, rep: str) -> None:
-    """Raise :class:`CellflowValueError` naming the first cells with NaN or inf values."""
+def check_finite(array: np.ndarray, rep: str, *, name: str | None = None) -> None:
+    """Raise :class:`CellflowValueError` naming the first cells with NaN or inf values.
+
+    The message names ``rep={rep!r}``, or ``name`` (e.g. ``"source"``) when given.
+    """
     finite = np.isfinite(array)
     if not finite.all():
         bad_rows = np.flatnonzero(~finite.all(axis=1))
         raise CellflowValueError(
-            f"rep={rep!r} holds NaN or inf values in {bad_rows.size} cell(s) (first row indices: "
+            f"{name or f'rep={rep!r}'} holds NaN or inf values in {bad_rows.size} cell(s) (first row indices: "
             f"{bad_rows[:5].tolist()}); remove or impute them first."
         )
 

@@ -23,6 +23,10 @@ from cellflow.data import Condition, DataSpec, EmbeddingTable, PerturbationData
 __all__ = ["Method", "Option"]
 
 
+#: Arguments of ``ResponseModel.fit``, which users also try as options of the model.
+_FIT_ARGUMENTS = ("steps", "batch_size", "seed", "progress", "resume")
+
+
 @dataclass(frozen=True)
 class Option:
     """A documented method hyper-parameter.
@@ -71,6 +75,8 @@ class Method(abc.ABC):
         if unknown:
             close = difflib.get_close_matches(unknown[0], list(self.options), n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
+            if unknown[0] in _FIT_ARGUMENTS:
+                hint = f" {unknown[0]} is an argument of fit(): model.fit({unknown[0]}={given[unknown[0]]!r})."
             raise CellflowKeyError(
                 f"option {unknown[0]!r} is not an option of method {self.name!r};{hint} valid options: "
                 f"{format_choices(sorted(self.options), limit=100) if self.options else '[] (this method takes none)'}."

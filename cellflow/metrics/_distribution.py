@@ -74,6 +74,11 @@ ArrayLike = Any  # numpy array, jax array, or anything np.asarray accepts
 
 def _as_cells(array: ArrayLike, name: str) -> np.ndarray:
     """``array`` as a float64 ``(cells, features)`` numpy array; raise naming ``name``."""
+    if isinstance(array, ad.AnnData):  # np.asarray would iterate it cell by cell before failing
+        raise CellflowValueError(
+            f"{name} is an AnnData; pass its cells as an array (e.g. {name}.X or {name}.obsm['X_pca']), or compare "
+            "AnnData objects group by group with cellflow.metrics.evaluate."
+        )
     try:
         out = np.asarray(array, dtype=np.float64)
     except (TypeError, ValueError) as err:
@@ -623,6 +628,20 @@ def _group_indices(obs: pd.DataFrame, columns: list[str]) -> dict[tuple[Hashable
     return {(k if isinstance(k, tuple) else (k,)): np.asarray(v) for k, v in grouped.items()}
 
 
+def _comparable(key: tuple) -> tuple:
+    """A group key whose numbers compare as numbers, however they were written (``100``, ``"100.0"``)."""
+
+    def value(v: Any) -> Any:
+        if isinstance(v, (bool, np.bool_)):
+            return v
+        try:
+            return float(v)
+        except (TypeError, ValueError):
+            return str(v)
+
+    return tuple(value(v) for v in key)
+
+
 def _resolve_features(features: Sequence[Any] | np.ndarray | None, reference: ad.AnnData, n_features: int, rep: str):
     """``features`` (var names of ``reference``, integer indices or a boolean mask) as column indices."""
     if features is None:
@@ -774,18 +793,23 @@ def evaluate(
     cols = _resolve_features(features, pred if named else truth, y_all.shape[1], rep)
 
     truth_groups = _group_indices(truth.obs, group_cols)
-    pred_groups = _group_indices(pred.obs, group_cols)
-    absent = [k for k in truth_groups if k not in pred_groups]
+    # a dose written 100.0 in one table and '100.0' in the other is one group
+    pred_groups: dict[tuple, np.ndarray] = {}
+    for k, v in _group_indices(pred.obs, group_cols).items():
+        pred_groups[_comparable(k)] = np.concatenate([pred_groups.get(_comparable(k), np.empty(0, int)), v])
+    absent = [k for k in truth_groups if _comparable(k) not in pred_groups]
     if absent:
         shown = [k[0] if len(k) == 1 else k for k in absent]
+        present = [k[0] if len(k) == 1 else k for k in _group_indices(pred.obs, group_cols)]
         raise CellflowValueError(
-            f"groups {format_choices(shown, limit=10)} of truth (groupby={group_cols!r}) have no cells in pred."
+            f"groups {format_choices(shown, limit=10)} of truth (groupby={group_cols!r}) have no cells in pred, whose "
+            f"groups are {format_choices(present, limit=10)}."
         )
 
     fallback: list[Any] = []
     rows = []
     for position, (key, truth_idx) in enumerate(truth_groups.items()):
-        pred_idx = pred_groups[key]
+        pred_idx = np.sort(pred_groups[_comparable(key)])
         x, y = x_all[pred_idx], y_all[truth_idx]
         row: dict[str, Any] = dict(zip(group_cols, key))
         row["n_pred"], row["n_truth"] = len(pred_idx), len(truth_idx)

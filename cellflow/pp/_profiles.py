@@ -65,20 +65,28 @@ def _centre_scale(values: np.ndarray, robust: bool) -> tuple[np.ndarray, np.ndar
 
 
 def _whitening(controls: np.ndarray, regularization: float) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and ZCA whitening matrix of the control rows, shrunk towards isotropy.
+    """Mean and whitening matrix of the control rows (ZCA of their correlation), shrunk towards isotropy.
 
-    ``W = V diag((lambda + r * mean(lambda))^-1/2) V^T``: with fewer controls than features the
-    covariance is singular, and an absolute epsilon would blow up directions in which controls
-    happen not to vary; a floor relative to the mean eigenvalue keeps them at a sane scale.
+    ``W = diag(1/s) V diag((lambda + r * mean(lambda))^-1/2) V^T``, with ``s`` the controls'
+    standard deviations and ``V``, ``lambda`` the eigen-decomposition of their correlation: with
+    fewer controls than features the covariance is singular, and an absolute epsilon would blow
+    up directions in which controls happen not to vary; a floor relative to the mean eigenvalue
+    keeps them at a sane scale. The correlation, not the covariance, so that the floor is the same
+    whatever the features' units: on raw CellProfiler features a few in the thousands set the
+    mean eigenvalue of the covariance, and the floor then whitened nothing else (BBBC021, raw
+    features: MoA mAP 0.62, against 0.84 after a z-score).
     """
     mean = controls.mean(axis=0)
     centred = controls - mean
-    covariance = centred.T @ centred / max(controls.shape[0] - 1, 1)
-    eigenvalues, eigenvectors = np.linalg.eigh(covariance)
+    spread = centred.std(axis=0, ddof=1) if controls.shape[0] > 1 else np.ones(controls.shape[1])
+    spread = np.where(spread > 0, spread, 1.0)
+    standardised = centred / spread
+    correlation = standardised.T @ standardised / max(controls.shape[0] - 1, 1)
+    eigenvalues, eigenvectors = np.linalg.eigh(correlation)
     eigenvalues = np.maximum(eigenvalues, 0.0)
     floor = regularization * max(float(eigenvalues.mean()), np.finfo(np.float64).tiny)
     scale = 1.0 / np.sqrt(eigenvalues + floor)
-    return mean, (eigenvectors * scale) @ eigenvectors.T
+    return mean, ((eigenvectors * scale) @ eigenvectors.T) / spread[:, None]
 
 
 def normalize_plates(
@@ -112,7 +120,8 @@ def normalize_plates(
           median and median absolute deviation taken over the plate's control rows;
         * ``"z"``: per plate, ``(x - mean_c) / std_c`` over the control rows;
         * ``"sphering"``: no plate step; centre on all controls and whiten with the
-          controls' covariance (ZCA), so control variation becomes isotropic;
+          controls' correlation (ZCA-cor), so control variation becomes isotropic whatever
+          the features' units;
         * ``"tvn"``: typical-variation normalisation (Ando et al. 2017): ``"robust_z"`` per
           plate, then sphering fitted on the normalised controls of all plates.
     rep
