@@ -50,6 +50,24 @@ def test_a_failing_coupling_is_reported_not_silently_replaced_by_random_pairs():
             fm.FlowMatchingConfig(**bad)
 
 
+def test_a_batch_sinkhorn_cannot_solve_is_solved_again_at_a_larger_epsilon():
+    from ott.geometry import pointcloud
+    from ott.problems.linear import linear_problem
+    from ott.solvers.linear import acceleration, sinkhorn
+
+    rng = np.random.default_rng(0)
+    x, y = (jnp.asarray(rng.normal(size=(64, 2)) + shift, jnp.float32) for shift in (0.0, 3.0))
+    solver = sinkhorn.Sinkhorn(threshold=1e-2, max_iterations=500, momentum=acceleration.Momentum(start=20, inner_iterations=10))
+    once = solver(linear_problem.LinearProblem(pointcloud.PointCloud(x, y, epsilon=1e-4, scale_cost="mean"))).matrix
+    assert not bool(fm.usable_plan(once))  # one accelerated solve at this epsilon gives no usable plan
+    x0, x1, fell_back = fm.sample_plan(jax.random.key(0), x, y, epsilon=1e-4, with_status=True)
+    assert not bool(fell_back)
+    # the retried plan still pairs by proximity: beyond the common shift, pairs are far closer than at random
+    shift = jnp.mean(y, 0) - jnp.mean(x, 0)
+    independent = jnp.mean(jnp.sum((x[:, None] + shift - y[None]) ** 2, -1))
+    assert float(jnp.mean(jnp.sum((x0 + shift - x1) ** 2, -1))) < 0.3 * float(independent)
+
+
 def test_array_level_choices_are_validated_not_silently_replaced():
     from flax import nnx
 
