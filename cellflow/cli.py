@@ -119,7 +119,16 @@ def _check_out_dir(path: str, overwrite: bool) -> None:
 def _demo(args) -> int:
     from cellflow._demo import run_demo
 
-    run_demo(args.out, seed=args.seed, steps=args.steps, plot=not args.no_plot)
+    methods = None if args.methods is None else tuple(args.methods)
+    if methods is not None:
+        from cellflow.methods import METHODS
+
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown:
+            from cellflow._errors import CellflowKeyError
+
+            raise CellflowKeyError(f"--methods {unknown[0]!r} is not a method; valid choices: {sorted(METHODS)}.")
+    run_demo(args.out, seed=args.seed, steps=args.steps, plot=not args.no_plot, methods=methods)
     return 0
 
 
@@ -443,6 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--no-plot", action="store_true", help="skip the PNG figure")
     demo.add_argument("--steps", type=int, default=None, help="training steps of the learned method (default: its own)")
+    demo.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
+                      help="methods to compare (default: identity, mean_shift, gaussian_ot and flow_matching)")
     demo.set_defaults(func=_demo)
 
     train = sub.add_parser("train", help="fit a ResponseModel on an h5ad/csv/parquet file and save it")

@@ -31,9 +31,12 @@ def test_demo_mean_shift_beats_identity_on_held_out_combinations(tmp_path):
 
 
 def test_cli_demo_runs(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path / "d"), "--no-plot", "--steps", "20"]) == 0
+    # the learned method's part of the demo is the test above; here the command line's
+    assert main(["demo", "--out", str(tmp_path / "d"), "--no-plot", "--methods", "identity", "mean_shift"]) == 0
     out = capsys.readouterr().out
-    assert "held-out combinations" in out and "noise_floor" in out
+    assert "held-out combinations" in out and "noise_floor" in out and "flow_matching" not in out
+    assert main(["demo", "--out", str(tmp_path / "e"), "--methods", "mean_shfit"]) == 2
+    assert "'mean_shfit' is not a method" in capsys.readouterr().err
 
 
 def test_cli_train_predict_evaluate(tmp_path, capsys):
