@@ -529,7 +529,7 @@ def test_pca_warns_on_raw_counts(rng):
 
 
 def test_counts_check_samples_rows_of_large_matrices():
-    from cellflow.pp._expression import _COUNT_CHECK_ROWS, _sampled_values
+    from cellflow.data._representation import _COUNT_CHECK_ROWS, _sampled_values
 
     n_rows = 50 * _COUNT_CHECK_ROWS
     matrix = sp.random(n_rows, 20, density=0.1, format="csr", random_state=0, dtype=np.float32)

@@ -23,7 +23,7 @@ import pandas as pd
 
 from cellflow._errors import CellflowKeyError, CellflowValueError, format_choices, user_stacklevel
 from cellflow.data._conditions import COMBINATION_SEPARATOR, Condition, parse_condition
-from cellflow.data._representation import embedding_axes, get_representation
+from cellflow.data._representation import _counts_check, _sampled_values, embedding_axes, get_representation
 
 __all__ = ["ALL_CONTROLS", "TIME_COLUMN", "DataSpec", "ObsConditions", "PerturbationData", "check_obs_column", "parse_obs_conditions", "prepare"]
 
@@ -218,12 +218,11 @@ class PerturbationData:
 
 
 def _warn_if_counts(cells: np.ndarray, rep: str) -> None:
-    """Warn when ``cells`` (a row sample) look like raw counts: non-negative integers above 1."""
-    rows = np.unique(np.linspace(0, len(cells) - 1, min(len(cells), 1000)).astype(int))
-    sample = cells[rows]
-    if sample.size and sample.max() > 1 and sample.min() >= 0 and np.array_equal(sample, np.round(sample)):
+    """Warn when a row sample of ``cells`` looks like raw counts: non-negative integers above 1."""
+    verdict, evidence = _counts_check(cells)
+    if verdict and _sampled_values(cells).max() > 1:
         warnings.warn(
-            f"rep={rep!r} looks like raw counts (non-negative integers, max {sample.max():.4g}). Every method "
+            f"rep={rep!r} looks like raw counts ({evidence}). Every method "
             "moves cells in the space it is given: in raw counts library size dominates the distances, and "
             "predictions are not counts (they can be negative or fractional). Log-normalise first "
             "(cellflow.pp.log_normalize) and usually reduce the genes (cellflow.pp.pca, then rep='X_pca').",

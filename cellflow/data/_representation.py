@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import warnings
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import anndata as ad
 import h5py
@@ -171,3 +172,58 @@ def embedding_axes(adata: ad.AnnData, rep: str) -> str | None:
     else:
         return None
     return hashlib.sha1(np.ascontiguousarray(axes, dtype=np.float32).tobytes() + str(axes.shape).encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# raw-counts check (shared by ResponseModel's data preparation and cellflow.pp)
+# --------------------------------------------------------------------------------------------
+# the counts checks look at this many rows (evenly spaced) of a larger matrix: O(rows) work
+_COUNT_CHECK_ROWS = 1000
+
+
+def _values(matrix: Any) -> np.ndarray:
+    """The stored values of a dense or sparse matrix (for cheap checks)."""
+    return np.asarray(matrix.data if sp.issparse(matrix) else matrix)
+
+
+def _sampled_values(matrix: Any, max_rows: int = _COUNT_CHECK_ROWS) -> np.ndarray:
+    """The stored values of at most ``max_rows`` evenly spaced rows of ``matrix``.
+
+    Evenly spaced rather than the first rows, so that a file sorted by condition or sample is
+    seen in every part; deterministic, so a warning does not come and go between runs.
+    """
+    n_rows = matrix.shape[0]
+    if n_rows > max_rows:
+        rows = np.linspace(0, n_rows - 1, max_rows).round().astype(np.int64)
+        if sp.issparse(matrix) and matrix.format not in ("csr", "csc"):
+            matrix = sp.csr_matrix(matrix)
+        matrix = matrix[rows]
+    elif hasattr(matrix, "to_numpy"):
+        matrix = matrix.to_numpy()
+    return _values(matrix).ravel()
+
+
+def _counts_check(matrix: Any) -> tuple[bool | None, str]:
+    """Do (a sample of rows of) ``matrix`` look like raw counts, i.e. non-negative integers?
+
+    Returns ``(verdict, evidence)``: ``None`` when the sample holds no non-zero value (nothing to
+    judge), else ``True`` / ``False`` and a short description for a warning message.
+    """
+    values = _sampled_values(matrix)
+    nonzero = values[values != 0]
+    if nonzero.size == 0:
+        return None, "no non-zero values"
+    if np.issubdtype(nonzero.dtype, np.integer):
+        if nonzero.min() >= 0:
+            return True, f"integer values, max {nonzero.max()}"
+        return False, f"negative values (min {nonzero.min()})"
+    fractional = nonzero != np.round(nonzero)
+    if fractional.any():
+        example = nonzero[np.flatnonzero(fractional)[0]]
+        return False, (
+            f"{fractional.mean():.0%} of the sampled non-zero values are non-integer, e.g. {example:.4g}; "
+            f"max {nonzero.max():.4g}"
+        )
+    if nonzero.min() < 0:
+        return False, f"negative values (min {nonzero.min():.4g})"
+    return True, f"non-negative integer values, max {nonzero.max():.4g}"

@@ -661,7 +661,7 @@ def _resolve_features(features: Sequence[Any] | np.ndarray | None, reference: ad
         missing = feats[positions < 0].tolist()
         if missing:
             raise CellflowKeyError(
-                f"features {format_choices(missing, limit=10)} are not var names of the predictions "
+                f"features {format_choices(missing, limit=10)} are not among the var names "
                 f"(e.g. {format_choices(reference.var_names[:10])})."
             )
         return positions
@@ -794,13 +794,14 @@ def evaluate(
 
     truth_groups = _group_indices(truth.obs, group_cols)
     # a dose written 100.0 in one table and '100.0' in the other is one group
+    pred_by_label = _group_indices(pred.obs, group_cols)
     pred_groups: dict[tuple, np.ndarray] = {}
-    for k, v in _group_indices(pred.obs, group_cols).items():
+    for k, v in pred_by_label.items():
         pred_groups[_comparable(k)] = np.concatenate([pred_groups.get(_comparable(k), np.empty(0, int)), v])
     absent = [k for k in truth_groups if _comparable(k) not in pred_groups]
     if absent:
         shown = [k[0] if len(k) == 1 else k for k in absent]
-        present = [k[0] if len(k) == 1 else k for k in _group_indices(pred.obs, group_cols)]
+        present = [k[0] if len(k) == 1 else k for k in pred_by_label]
         raise CellflowValueError(
             f"groups {format_choices(shown, limit=10)} of truth (groupby={group_cols!r}) have no cells in pred, whose "
             f"groups are {format_choices(present, limit=10)}."

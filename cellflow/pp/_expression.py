@@ -22,7 +22,7 @@ import scanpy as sc
 import scipy.sparse as sp
 
 from cellflow._errors import CellflowKeyError, CellflowValueError, format_choices
-from cellflow.data._representation import feature_columns, get_representation
+from cellflow.data._representation import _counts_check, _values, feature_columns, get_representation
 from cellflow.pp._features import feature_table
 
 __all__ = ["log_normalize", "pca", "project", "decode", "decode_adata", "top_degs", "standardize_to_control"]
@@ -30,8 +30,6 @@ __all__ = ["log_normalize", "pca", "project", "decode", "decode_adata", "top_deg
 _DEG_METHODS = ("wilcoxon", "t-test", "t-test_overestim_var")
 _CONTROL = "__cellflow_control__"  # internal label of control cells in top_degs
 _HVG_FLAVORS = ("seurat", "cell_ranger", "seurat_v3", "seurat_v3_paper")
-# the counts checks look at this many rows (evenly spaced) of a larger matrix: O(rows) work
-_COUNT_CHECK_ROWS = 1000
 
 
 # --------------------------------------------------------------------------------------------
@@ -62,57 +60,9 @@ def _float_copy(matrix: Any) -> np.ndarray | sp.spmatrix:
     return np.array(array, dtype=dtype, copy=True)
 
 
-def _values(matrix: Any) -> np.ndarray:
-    """The stored values of a dense or sparse matrix (for cheap checks)."""
-    return np.asarray(matrix.data if sp.issparse(matrix) else matrix)
-
-
 def _check_finite_matrix(matrix: Any, argname: str, rep: str) -> None:
     if not np.isfinite(_values(matrix)).all():
         raise CellflowValueError(f"{argname}={rep!r} holds NaN or inf values; remove or impute them first.")
-
-
-def _sampled_values(matrix: Any, max_rows: int = _COUNT_CHECK_ROWS) -> np.ndarray:
-    """The stored values of at most ``max_rows`` evenly spaced rows of ``matrix``.
-
-    Evenly spaced rather than the first rows, so that a file sorted by condition or sample is
-    seen in every part; deterministic, so a warning does not come and go between runs.
-    """
-    n_rows = matrix.shape[0]
-    if n_rows > max_rows:
-        rows = np.linspace(0, n_rows - 1, max_rows).round().astype(np.int64)
-        if sp.issparse(matrix) and matrix.format not in ("csr", "csc"):
-            matrix = sp.csr_matrix(matrix)
-        matrix = matrix[rows]
-    elif hasattr(matrix, "to_numpy"):
-        matrix = matrix.to_numpy()
-    return _values(matrix).ravel()
-
-
-def _counts_check(matrix: Any) -> tuple[bool | None, str]:
-    """Do (a sample of rows of) ``matrix`` look like raw counts, i.e. non-negative integers?
-
-    Returns ``(verdict, evidence)``: ``None`` when the sample holds no non-zero value (nothing to
-    judge), else ``True`` / ``False`` and a short description for a warning message.
-    """
-    values = _sampled_values(matrix)
-    nonzero = values[values != 0]
-    if nonzero.size == 0:
-        return None, "no non-zero values"
-    if np.issubdtype(nonzero.dtype, np.integer):
-        if nonzero.min() >= 0:
-            return True, f"integer values, max {nonzero.max()}"
-        return False, f"negative values (min {nonzero.min()})"
-    fractional = nonzero != np.round(nonzero)
-    if fractional.any():
-        example = nonzero[np.flatnonzero(fractional)[0]]
-        return False, (
-            f"{fractional.mean():.0%} of the sampled non-zero values are non-integer, e.g. {example:.4g}; "
-            f"max {nonzero.max():.4g}"
-        )
-    if nonzero.min() < 0:
-        return False, f"negative values (min {nonzero.min():.4g})"
-    return True, f"non-negative integer values, max {nonzero.max():.4g}"
 
 
 def _looks_like_counts(matrix: Any) -> bool:
