@@ -464,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="flow_matching, schrodinger_bridge, neural_ot, diffusion, gaussian_ot, mean_shift or identity (default: %(default)s)",
     )
     _add_data_arguments(train, file_defaults=True)
-    train.add_argument("--time-key", default=None, help="numeric obs column of measurement times (time courses)")
+    train.add_argument("--time-key", default=None, help="obs column of measurement times, numbers (time courses)")
     train.add_argument("--pair-key", default=None, help="obs column naming each treated cell's control partner")
     train.add_argument("--option", action="append", help="method option as key=value (repeatable)")
     train.add_argument("--steps", type=int, default=None)

@@ -109,8 +109,9 @@ class ResponseModel:
         ``"mean_shift"``, ``"gaussian_ot"``, ``"flow_matching"``, ``"neural_ot"``,
         ``"schrodinger_bridge"``, ``"diffusion"``.
     time_key
-        Optional numeric ``obs`` column of measurement times (hours, days). The controls are the
-        start of the process (at the earliest control time) and the treated cells of a condition
+        Optional ``obs`` column of measurement times (hours, days): numbers, or text spelling
+        them. The controls are the start of the process (at the earliest control time) and the
+        treated cells of a condition
         form one snapshot per time; the method fits one process through all snapshots, and
         :meth:`predict` takes ``time=`` (measured or not, a list gives trajectories). Supported
         by methods that model time (``"schrodinger_bridge"``).

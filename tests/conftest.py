@@ -36,6 +36,15 @@ def pytest_configure(config):
     # Set in the environment, so subprocesses started by tests inherit it.
     os.environ["CELLFLOW_COMPILATION_CACHE"] = "off"
     cache = tempfile.mkdtemp(prefix="cellflow-jax-cache-")
+    config._cellflow_jax_cache = cache
     jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    cache = getattr(config, "_cellflow_jax_cache", None)
+    if cache is not None:
+        shutil.rmtree(cache, ignore_errors=True)

@@ -20,11 +20,12 @@ from test_flow_matching import SMALL, shift_data
 
 @pytest.fixture
 def count_compilations(monkeypatch):
-    counts = {"n": 0}
+    counts = {"n": 0, "programs": []}
     real = jax.stages.Lowered.compile
 
     def counting(self, *args, **kwargs):
         counts["n"] += 1
+        counts["programs"].append(self.as_text().split("@", 1)[1].split()[0])
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(jax.stages.Lowered, "compile", counting)
@@ -81,19 +82,23 @@ def test_refitting_a_configuration_reuses_its_compiled_training_chunk(count_comp
     adata = shift_data(n=100)
     source = adata[adata.obs.condition == "control"][:50]
 
-    def fit(seed):
-        model = cf.ResponseModel(adata, rep="X", method="flow_matching", **SMALL)
-        return model.fit(steps=20, batch_size=32, seed=seed, progress=False).predict(source, "A").X
+    def fit(seed, steps=20, **optimiser):
+        model = cf.ResponseModel(adata, rep="X", method="flow_matching", **{**SMALL, "chunk": 20, **optimiser})
+        return model.fit(steps=steps, batch_size=32, seed=seed, progress=False).predict(source, "A").X
 
     clear_compiled_programs()
     fit(0)
     after_first = count_compilations["n"]
     shared = fit(1)
-    # the second fit compiled nothing, neither for training nor for prediction
+    # the second fit compiled nothing, neither for training nor for prediction; nor does a sweep
+    # over the optimiser's numbers, which live in its state rather than in the program
     assert count_compilations["n"] == after_first
+    swept = fit(1, steps=60, learning_rate=3e-3, warmup=5, weight_decay=1e-3)
+    # the optimiser's first state holds the new numbers (a program of a few constants)
+    assert count_compilations["programs"][after_first:] == ["jit_init_fn"] and not np.allclose(swept, shared)
     clear_compiled_programs()
     np.testing.assert_array_equal(fit(1), shared)
-    assert count_compilations["n"] == 2 * after_first  # what the first fit compiled, again
+    assert count_compilations["n"] == 2 * after_first + 1  # what the first fit compiled, again
 
 
 # -- the on-disk cache ---------------------------------------------------------------------------

@@ -87,6 +87,10 @@ def test_embeddings_default_one_hot_and_user_table():
     np.testing.assert_array_equal(user.lookup(["C"]), [[0, 0, 1]])
     frame = make_embedding_table(("A",), pd.DataFrame([[1.0, 2.0]], index=["A"]))
     assert frame.dim == 2
+    # a (1, d) row is a vector; a (k, d) block is refused rather than flattened
+    assert make_embedding_table(("A",), {"A": np.ones((1, 3))}).dim == 3
+    with pytest.raises(cf.CellflowValueError, match=r"must be vectors.*'B': \(2, 3\)"):
+        make_embedding_table(("A", "B"), {"A": np.ones(6), "B": np.ones((2, 3))})
 
 
 def test_sampler_shapes_membership_and_jit():

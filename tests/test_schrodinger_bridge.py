@@ -120,10 +120,17 @@ def test_time_errors(course):
         cf.ResponseModel(train, rep="X_pca", method="flow_matching", time_key="time")
     with pytest.raises(KeyError, match="time_key='day'"):
         cf.ResponseModel(train, rep="X_pca", method="schrodinger_bridge", time_key="day")
-    bad = train.copy()
-    bad.obs["stage"] = bad.obs["time"].astype(str)
-    with pytest.raises(ValueError, match="numeric"):
-        cf.ResponseModel(bad, rep="X_pca", method="schrodinger_bridge", time_key="stage")
+    # times written as text (categorical once saved) are read as the numbers they spell
+    spelled = train.copy()
+    spelled.obs["stage"] = spelled.obs["time"].astype(str).astype("category")
+    numeric, text = (cf.data.prepare(a, rep="X_pca", time_key=k).spec for a, k in ((train, "time"), (spelled, "stage")))
+    assert text.time_range == numeric.time_range and text.groups.equals(numeric.groups)
+    spelled.obs["stage"] = "day " + spelled.obs["time"].astype(str)
+    with pytest.raises(ValueError, match=r"time_key='stage' must hold numbers.*not numbers: \['day 0.0'"):
+        cf.ResponseModel(spelled, rep="X_pca", method="schrodinger_bridge", time_key="stage")
+    spelled.obs["stage"] = spelled.obs["time"] > 0
+    with pytest.raises(ValueError, match="numeric obs column"):
+        cf.ResponseModel(spelled, rep="X_pca", method="schrodinger_bridge", time_key="stage")
     untimed = cf.ResponseModel(train, rep="X_pca", method="mean_shift").fit()
     with pytest.raises(ValueError, match="without a time_key"):
         untimed.predict(controls, "drug", time=1.0)

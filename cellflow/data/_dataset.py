@@ -261,8 +261,9 @@ def prepare(
     covariate_keys
         ``obs`` columns the response depends on (patient, cell line, cell type).
     time_key
-        Optional numeric ``obs`` column of measurement times. Treated cells then form one group
-        per condition, covariates and time (a snapshot); the controls are the process's start and
+        Optional ``obs`` column of measurement times (numbers, or text spelling them). Treated
+        cells then form one group per condition, covariates and time (a snapshot); the controls
+        are the process's start and
         must be at the earliest time (controls measured later are not used, with a warning).
     pair_key
         Optional ``obs`` column naming, for every treated cell, the control cell it is known to
@@ -523,11 +524,23 @@ def _snapshot_times(
             f"time_key={time_key!r} must differ from the perturbation, dose and covariate columns."
         )
     column = adata.obs[time_key]
-    if not pd.api.types.is_numeric_dtype(column) or pd.api.types.is_bool_dtype(column):
+    if pd.api.types.is_bool_dtype(column):
         raise CellflowValueError(
             f"time_key={time_key!r} must be a numeric obs column (e.g. hours or days); it has dtype {column.dtype}."
         )
-    times = column.to_numpy(np.float64)
+    if pd.api.types.is_numeric_dtype(column):
+        times = column.to_numpy(np.float64)
+    else:
+        # Times written as text ("0", "24") become categorical when AnnData is saved; as doses do,
+        # they are read as the numbers they spell.
+        text = column.astype(str).to_numpy()
+        times = pd.to_numeric(pd.Series(text), errors="coerce").to_numpy(np.float64)
+        not_numbers = sorted(set(text[np.isnan(times) & ~np.isin(text, ("nan", "NaN"))]))
+        if not_numbers:
+            raise CellflowValueError(
+                f"time_key={time_key!r} must hold numbers (e.g. hours or days); it has dtype {column.dtype} with "
+                f"values that are not numbers: {format_choices(not_numbers)}."
+            )
     bad = ~np.isfinite(times)
     if bad.any():
         raise CellflowValueError(

@@ -87,6 +87,14 @@ def make_embedding_table(
             raise CellflowValueError("perturbation_embeddings DataFrame must hold only numeric columns.") from None
     elif isinstance(embeddings, Mapping):
         names = tuple(map(str, embeddings.keys()))
+        # A (1, d) row is a vector; a (k, d) block is not one (flattening it would silently
+        # give a k*d-long "embedding").
+        blocks = {n: np.shape(v) for n, v in embeddings.items() if sum(size > 1 for size in np.shape(v)) > 1}
+        if blocks:
+            raise CellflowValueError(
+                f"perturbation_embeddings values must be vectors (one row per name); got arrays of shape "
+                f"{dict(list(blocks.items())[:10])}."
+            )
         lengths = {n: np.asarray(v).reshape(-1).shape[0] for n, v in embeddings.items()}
         if len(set(lengths.values())) > 1:
             raise CellflowValueError(

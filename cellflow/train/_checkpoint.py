@@ -80,13 +80,22 @@ def restore_checkpoint(
                     "resume=True would continue another model; fit with resume=False to start afresh, or use "
                     "another checkpoint_dir."
                 )
-        restored = manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(jax.tree.map(np.asarray, template)),
-                history=ocp.args.JsonRestore(),
-            ),
-        )
+        try:
+            restored = manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(jax.tree.map(np.asarray, template)),
+                    history=ocp.args.JsonRestore(),
+                ),
+            )
+        except ValueError as error:
+            if "tree structures do not match" not in str(error):
+                raise
+            raise CellflowValueError(
+                f"checkpoint_dir={str(directory)!r} holds step {step} of a training state whose layout differs "
+                "from this version's (written by an earlier cellflow, or with another optimiser), so it cannot be "
+                "resumed; fit with resume=False to start afresh, or use another checkpoint_dir."
+            ) from None
     for (path, expected), got in zip(jax.tree_util.tree_flatten_with_path(template)[0], jax.tree.leaves(restored["state"])):
         if np.shape(got) != np.shape(expected):
             raise CellflowValueError(
