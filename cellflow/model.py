@@ -111,10 +111,9 @@ class ResponseModel:
     time_key
         Optional ``obs`` column of measurement times (hours, days): numbers, or text spelling
         them. The controls are the start of the process (at the earliest control time) and the
-        treated cells of a condition
-        form one snapshot per time; the method fits one process through all snapshots, and
-        :meth:`predict` takes ``time=`` (measured or not, a list gives trajectories). Supported
-        by methods that model time (``"schrodinger_bridge"``).
+        treated cells of a condition form one snapshot per time; the method fits one process
+        through all snapshots, and :meth:`predict` takes ``time=`` (measured or not, a list
+        gives trajectories). Supported by methods that model time (``"schrodinger_bridge"``).
     pair_key
         Optional ``obs`` column naming, for every treated cell, the ``obs_name`` of the control
         cell it is known to descend from (lineage barcodes, repeated imaging of the same cell).

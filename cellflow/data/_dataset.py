@@ -263,8 +263,8 @@ def prepare(
     time_key
         Optional ``obs`` column of measurement times (numbers, or text spelling them). Treated
         cells then form one group per condition, covariates and time (a snapshot); the controls
-        are the process's start and
-        must be at the earliest time (controls measured later are not used, with a warning).
+        are the process's start and must be at the earliest time (controls measured later are
+        not used, with a warning).
     pair_key
         Optional ``obs`` column naming, for every treated cell, the control cell it is known to
         descend from (its ``obs_name``; lineage barcodes, repeated imaging). Only methods that

@@ -70,6 +70,8 @@ class WarmupCosineState(NamedTuple):
     warmup: jax.Array
     decay_steps: jax.Array
     alpha: jax.Array
+    # 1 - alpha rounded once from the Python number, as optax folds it: the rates then match
+    # optax's in float32 bit for bit
     one_minus_alpha: jax.Array
 
 
