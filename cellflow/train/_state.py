@@ -13,7 +13,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from cellflow._errors import CellflowValueError
 from cellflow.train._compile import shared_jit
 
-__all__ = ["GROUP_AXIS", "TrainState", "group_mesh", "make_optimizer", "ema_update", "scanned_training_chunk", "training_step"]
+__all__ = ["GROUP_AXIS", "TrainState", "group_mesh", "make_optimizer", "scale_by_warmup_cosine", "ema_update", "scanned_training_chunk", "training_step"]
 
 #: Name of the mesh axis over which a training step's condition groups are split.
 GROUP_AXIS = "groups"
