@@ -23,7 +23,7 @@ import pandas as pd
 
 from cellflow._errors import CellflowKeyError, CellflowValueError, format_choices, user_stacklevel
 from cellflow.data._conditions import COMBINATION_SEPARATOR, Condition, parse_condition
-from cellflow.data._representation import _counts_check, _sampled_values, embedding_axes, get_representation
+from cellflow.data._representation import _counts_verdict, _sampled_values, embedding_axes, get_representation
 
 __all__ = ["ALL_CONTROLS", "TIME_COLUMN", "DataSpec", "ObsConditions", "PerturbationData", "check_obs_column", "parse_obs_conditions", "prepare"]
 
@@ -219,8 +219,9 @@ class PerturbationData:
 
 def _warn_if_counts(cells: np.ndarray, rep: str) -> None:
     """Warn when a row sample of ``cells`` looks like raw counts: non-negative integers above 1."""
-    verdict, evidence = _counts_check(cells)
-    if verdict and _sampled_values(cells).max() > 1:
+    values = _sampled_values(cells)
+    verdict, evidence = _counts_verdict(values)
+    if verdict and values.max() > 1:
         warnings.warn(
             f"rep={rep!r} looks like raw counts ({evidence}). Every method "
             "moves cells in the space it is given: in raw counts library size dominates the distances, and "

@@ -209,7 +209,11 @@ def _counts_check(matrix: Any) -> tuple[bool | None, str]:
     Returns ``(verdict, evidence)``: ``None`` when the sample holds no non-zero value (nothing to
     judge), else ``True`` / ``False`` and a short description for a warning message.
     """
-    values = _sampled_values(matrix)
+    return _counts_verdict(_sampled_values(matrix))
+
+
+def _counts_verdict(values: np.ndarray) -> tuple[bool | None, str]:
+    """:func:`_counts_check` of values already sampled (:func:`_sampled_values`)."""
     nonzero = values[values != 0]
     if nonzero.size == 0:
         return None, "no non-zero values"
