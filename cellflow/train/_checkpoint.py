@@ -50,6 +50,13 @@ def latest_checkpoint(directory: str | Path) -> int | None:
         return manager.latest_step()
 
 
+def _saved_leaf_count(manager: ocp.CheckpointManager, step: int) -> int:
+    """Number of arrays in the saved training state, read without a template (so whatever its
+    layout); compared with the template's to tell a state of another layout from other errors."""
+    saved = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    return len(jax.tree.leaves(saved))
+
+
 def restore_checkpoint(
     directory: str | Path, template: TrainState, run: Mapping[str, Any] | None = None
 ) -> tuple[TrainState, list[dict]]:
@@ -88,8 +95,8 @@ def restore_checkpoint(
                     history=ocp.args.JsonRestore(),
                 ),
             )
-        except ValueError as error:
-            if "tree structures do not match" not in str(error):
+        except ValueError:
+            if _saved_leaf_count(manager, step) == len(jax.tree.leaves(template)):
                 raise
             raise CellflowValueError(
                 f"checkpoint_dir={str(directory)!r} holds step {step} of a training state whose layout differs "
