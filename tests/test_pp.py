@@ -553,3 +553,46 @@ def test_counts_warnings_on_the_real_files(muscat):
         warnings.simplefilter("error")
         pp.pca(muscat, 5, rep="logcounts")  # the README's flows stay silent
         pp.pca(scgen, 5)
+
+
+def test_decoded_predictions_are_scored_and_drawn_on_the_scale_the_pca_read(rng):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import cellflow as cf
+
+    names = [f"g{i}" for i in range(12)]
+    counts = rng.poisson(rng.uniform(0.5, 8.0, size=12), size=(80, 12)).astype(np.float32)
+    adata = ad.AnnData(X=counts, obs=pd.DataFrame({"condition": ["A"] * 80}, index=[f"c{i}" for i in range(80)]),
+                       var=pd.DataFrame(index=names))
+    adata = pp.pca(pp.log_normalize(adata), 6, rep="logcounts")
+    genes = pp.decode_adata(adata, adata)
+    assert genes.uns["cellflow"] == {"rep": "logcounts", "decoded_from": "X_pca"}
+    np.testing.assert_array_equal(genes.layers["logcounts"], genes.X)
+    assert not np.shares_memory(genes.layers["logcounts"], genes.X)
+    # the observed cells' counts in X are not what a decoded prediction is compared with
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        table = cf.metrics.evaluate(genes, adata, metrics=("energy_distance", "r2_mean"))
+    assert table["r2_mean"].iloc[0] > 0.95
+    # genes are matched by name in plots as in evaluate: another order draws the same points
+    reordered = adata[:, names[::-1]].copy()
+    drawn = cf.pl.embedding({"decoded": genes, "observed": reordered}).collections[1].get_offsets()
+    same = cf.pl.embedding({"decoded": genes, "observed": adata}).collections[1].get_offsets()
+    np.testing.assert_allclose(np.asarray(drawn), np.asarray(same), atol=1e-5)
+
+
+def test_new_cells_missing_the_pca_layer_or_embedding_are_told_what_to_compute(rng):
+    import cellflow as cf
+
+    names = [f"g{i}" for i in range(10)]
+    counts = rng.poisson(3.0, size=(60, 10)).astype(np.float32)
+    obs = pd.DataFrame({"condition": ["control"] * 30 + ["A"] * 30}, index=[f"c{i}" for i in range(60)])
+    train = pp.pca(pp.log_normalize(ad.AnnData(X=counts, obs=obs, var=pd.DataFrame(index=names))), 4, rep="logcounts")
+    new = ad.AnnData(X=counts[:30].copy(), obs=obs.iloc[:30].copy(), var=pd.DataFrame(index=names))
+    with pytest.raises(CellflowKeyError, match=r"fitted on layer 'logcounts'.*log_normalize\(adata, key_added='logcounts'\)"):
+        pp.project(new, train)
+    model = cf.ResponseModel(train, method="mean_shift").fit()
+    with pytest.raises(CellflowKeyError, match=r"no obsm\['X_pca'\].*cellflow.pp.project"):
+        model.predict(new, "A")
+    assert model.predict(pp.project(pp.log_normalize(new), train), "A").n_obs == 30

@@ -383,9 +383,14 @@ def decode_adata(
     -------
     A new :class:`~anndata.AnnData` with ``X`` the decoded expression (dense), ``obs`` a copy of
     ``adata.obs`` and ``var`` the reference's ``var`` rows for the genes used by the PCA (just
-    their names when ``reference`` is a dict or lacks some of them).
+    their names when ``reference`` is a dict or lacks some of them). The decoded values are in
+    the scale the PCA read (e.g. log-normalised when it read ``"logcounts"``), so they are also
+    stored under that layer's name, and ``uns["cellflow"]["rep"]`` names it:
+    :func:`cellflow.metrics.evaluate` and :func:`cellflow.pl.embedding` then read the observed
+    cells' matching layer, not their raw counts in ``X``.
     """
     info = _pca_info(reference, key)
+    pca_rep = str(info.get("rep", "X"))
     x = get_representation(adata, rep)
     decoded = decode(x, info, key=key)
     n_genes = decoded.shape[1]
@@ -401,7 +406,13 @@ def decode_adata(
         var = reference.var.loc[var_names].copy()
     else:
         var = pd.DataFrame(index=var_names)
-    return ad.AnnData(X=decoded, obs=adata.obs.copy(), var=var)
+    out = ad.AnnData(X=decoded, obs=adata.obs.copy(), var=var)
+    recorded = adata.uns.get("cellflow")
+    out.uns["cellflow"] = {**(dict(recorded) if isinstance(recorded, Mapping) else {}), "rep": pca_rep, "decoded_from": rep}
+    if pca_rep != "X":
+        # a copy, so that editing X does not silently edit the layer as well
+        out.layers[pca_rep] = decoded.copy()
+    return out
 
 
 def project(
@@ -436,10 +447,18 @@ def project(
     ------
     CellflowValueError
         ``adata`` lacks some of the PCA's genes (they are named).
+    CellflowKeyError
+        ``adata`` lacks the layer the PCA read.
     """
     info = _pca_info(reference, key)
     components, mean = np.asarray(info["components"]), np.asarray(info["mean"])
     rep = str(info.get("rep", "X"))
+    if rep != "X" and rep not in adata.layers:
+        raise CellflowKeyError(
+            f"the PCA {key!r} was fitted on layer {rep!r} of the reference, which adata lacks (its layers: "
+            f"{format_choices(adata.layers.keys())}); compute it as for the reference cells, e.g. "
+            f"cellflow.pp.log_normalize(adata, key_added={rep!r}) for log-normalised counts."
+        )
     matrix = _gene_matrix(adata, rep)
     if "var_names" in info:
         columns = feature_columns(adata.var_names, np.asarray(info["var_names"]).astype(str), rep)
