@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 
 import anndata as ad
 import jax.numpy as jnp
@@ -408,3 +409,32 @@ def test_energy_distance_20k_cells():
     elapsed = time.perf_counter() - start
     print(f"energy_distance 20k x 20k x 50: {elapsed:.1f} s")
     assert got == pytest.approx(_energy_ref_blocked(x, y), rel=1e-5)
+
+
+def test_evaluate_warns_when_predictions_and_observed_cells_are_on_different_scales(rng):
+    counts = rng.poisson(3.0, size=(60, 5)).astype(np.float32)
+    names = [f"g{i}" for i in range(5)]
+    obs = pd.DataFrame({"condition": ["A"] * 60}, index=[f"c{i}" for i in range(60)])
+    truth = ad.AnnData(X=counts, obs=obs, var=pd.DataFrame(index=names))
+    truth.layers["logcounts"] = np.log1p(counts)
+    pred = ad.AnnData(X=np.log1p(counts[::-1]) + 0.01, obs=truth.obs.copy(), var=pd.DataFrame(index=names))
+    pred.layers["logcounts"] = pred.X.copy()  # as cellflow.pp.decode_adata writes a decoded prediction
+    with pytest.warns(UserWarning, match=r"rep='X' holds raw counts in truth .* but not in pred.*\['logcounts'\]"):
+        evaluate(pred, truth, metrics=("energy_distance",))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        on_one_scale = evaluate(pred, truth, rep="logcounts", metrics=("energy_distance",))
+        assert on_one_scale["energy_distance"].iloc[0] < 0.2
+
+
+def test_evaluate_gathers_sinkhorn_failures_in_one_warning_at_the_callers_line(rng):
+    # far-apart clouds at epsilon=1 without cost scaling: Sinkhorn stops before converging
+    x = rng.normal(size=(30, 4)) * 50.0
+    obs = pd.DataFrame({"condition": ["A"] * 15 + ["B"] * 15}, index=[f"c{i}" for i in range(30)])
+    pred, truth = ad.AnnData(X=x.astype(np.float32), obs=obs), ad.AnnData(X=(x[::-1] + 400.0).astype(np.float32), obs=obs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        evaluate(pred, truth, metrics=("sinkhorn_divergence",))
+    sinkhorn = [w for w in caught if "Sinkhorn" in str(w.message)]
+    assert len(sinkhorn) == 1 and sinkhorn[0].filename == __file__
+    assert "groups ['A', 'B']" in str(sinkhorn[0].message) and "epsilon=" in str(sinkhorn[0].message)

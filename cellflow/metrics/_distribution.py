@@ -36,7 +36,7 @@ import pandas as pd
 from jax import lax
 
 from cellflow._errors import CellflowKeyError, CellflowValueError, format_choices
-from cellflow.data._representation import default_representation, get_representation
+from cellflow.data._representation import _counts_verdict, _sampled_values, default_representation, get_representation
 
 __all__ = [
     "METRICS",
@@ -452,6 +452,21 @@ def sinkhorn_divergence(
     ``n x m`` cost matrices: subsample large populations (``max_cells`` in
     :func:`evaluate`).
     """
+    value, converged = _sinkhorn_divergence_checked(x, y, epsilon=epsilon, scale_cost=scale_cost)
+    if not converged:
+        warnings.warn(
+            f"sinkhorn_divergence: Sinkhorn did not converge for epsilon={epsilon!r}; "
+            "the value is approximate (try a larger epsilon or a scale_cost such as 'mean').",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return value
+
+
+def _sinkhorn_divergence_checked(
+    x: ArrayLike, y: ArrayLike, *, epsilon: float, scale_cost: float | str
+) -> tuple[float, bool]:
+    """:func:`sinkhorn_divergence` and whether its three Sinkhorn problems converged."""
     x_arr, y_arr = _as_cells(x, "x"), _as_cells(y, "y")
     _check_same_width(x=x_arr, y=y_arr)
     if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float, np.number)) or not epsilon > 0:
@@ -477,14 +492,7 @@ def sinkhorn_divergence(
         epsilon=float(epsilon),
         scale_cost=scale_cost,
     )
-    if not bool(converged):
-        warnings.warn(
-            f"sinkhorn_divergence: Sinkhorn did not converge for epsilon={epsilon!r}; "
-            "the value is approximate (try a larger epsilon or a scale_cost such as 'mean').",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-    return float(value)
+    return float(value), bool(converged)
 
 
 def _r2_score(y_true: np.ndarray, y_pred: np.ndarray) -> float:
@@ -788,6 +796,8 @@ def evaluate(
         widths["control"] = c_all.shape[1]
     if len(set(widths.values())) > 1:
         raise CellflowValueError(f"rep={rep!r} has different numbers of columns: {widths}.")
+    if var_order is not None:
+        _warn_if_scales_differ(x_all, y_all, rep, truth)
     # after matching by name the columns follow pred's var order, else (no shared name) truth's
     named = var_order is not None and pred.var_names.isin(truth.var_names).any()
     cols = _resolve_features(features, pred if named else truth, y_all.shape[1], rep)
@@ -808,6 +818,7 @@ def evaluate(
         )
 
     fallback: list[Any] = []
+    unconverged: list[Any] = []
     rows = []
     for position, (key, truth_idx) in enumerate(truth_groups.items()):
         pred_idx = np.sort(pred_groups[_comparable(key)])
@@ -837,8 +848,22 @@ def evaluate(
         x_sub = x[_subsample(len(x), max_cells, rng)]
         y_sub = y[_subsample(len(y), max_cells, rng)]
         for name in names:
-            row[name] = _METRIC_FUNCS[name](x, y, x_sub, y_sub, ctrl, cols)
+            if name == "sinkhorn_divergence":
+                row[name], converged = _sinkhorn_divergence_checked(x_sub, y_sub, epsilon=1.0, scale_cost=1.0)
+                if not converged:
+                    unconverged.append(key[0] if len(key) == 1 else key)
+            else:
+                row[name] = _METRIC_FUNCS[name](x, y, x_sub, y_sub, ctrl, cols)
         rows.append(row)
+
+    if unconverged:
+        warnings.warn(
+            f"evaluate: Sinkhorn (epsilon=1) did not converge for groups {format_choices(unconverged, limit=10)}, so "
+            "their sinkhorn_divergence is approximate. Energy distance and MMD need no iterations; for another "
+            "regularisation call cellflow.metrics.sinkhorn_divergence(x, y, epsilon=..., scale_cost='mean') per group.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
     if fallback:
         warnings.warn(
@@ -849,6 +874,27 @@ def evaluate(
         )
     columns = [*group_cols, "n_pred", "n_truth", *(["n_control"] if control is not None else []), *names]
     return pd.DataFrame(rows, columns=columns)
+
+
+def _warn_if_scales_differ(pred_values: np.ndarray, truth_values: np.ndarray, rep: str, truth: ad.AnnData) -> None:
+    """Warn when the observed cells hold raw counts in ``rep`` but the predictions do not.
+
+    The usual cause is a prediction decoded to log-normalised expression scored against the
+    counts in ``truth.X``: every metric is then dominated by the change of scale.
+    """
+    truth_counts, truth_evidence = _counts_verdict(_sampled_values(truth_values))
+    pred_counts, pred_evidence = _counts_verdict(_sampled_values(pred_values))
+    if truth_counts and pred_counts is False:
+        layers = [name for name in truth.layers.keys() if name != rep]
+        hint = f"pass rep=<the layer of truth on the predictions' scale>, one of {format_choices(layers)}" if layers else (
+            "normalise truth as the training data were (e.g. cellflow.pp.log_normalize) and pass rep=<that layer>"
+        )
+        warnings.warn(
+            f"evaluate: rep={rep!r} holds raw counts in truth ({truth_evidence}) but not in pred ({pred_evidence}): "
+            f"the metrics would mostly measure the change of scale; {hint}.",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 _MetricFunc = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, "np.ndarray | None", Any], float]
