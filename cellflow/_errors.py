@@ -7,6 +7,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 __all__ = ["CellflowKeyError", "CellflowValueError", "format_choices", "user_stacklevel"]
 
 _PACKAGE = str(Path(__file__).resolve().parent)
@@ -14,7 +16,8 @@ _PACKAGE = str(Path(__file__).resolve().parent)
 
 def format_choices(choices: Iterable[Any], limit: int = 20) -> str:
     """Render a list of valid choices for an error message, truncated after ``limit``."""
-    items = [repr(c) for c in choices]
+    # numpy scalars (from obs columns) read as plain numbers, not np.int64(101)
+    items = [repr(c.item() if isinstance(c, np.generic) else c) for c in choices]
     if len(items) > limit:
         return "[" + ", ".join(items[:limit]) + f", ... ({len(items) - limit} more)]"
     return "[" + ", ".join(items) + "]"

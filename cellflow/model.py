@@ -52,6 +52,11 @@ def _checked_seed(seed: Any) -> int:
     return int(seed)
 
 
+def _is_missing(value: Any) -> bool:
+    """``None`` or a float NaN (e.g. ``np.nan``, ``pd.NA``): an unknown covariate value, not the string ``'None'``."""
+    return value is None or value is pd.NA or (isinstance(value, (float, np.floating)) and np.isnan(value))
+
+
 def _as_seen_numbers(values: list[str | None], seen: Sequence[str]) -> list[str | None]:
     """``values`` with each one absent from ``seen`` replaced by the seen value of the same number, if any."""
     numbers = {}
@@ -112,8 +117,8 @@ class ResponseModel:
         Optional ``obs`` column of measurement times (hours, days): numbers, or text spelling
         them. The controls are the start of the process (at the earliest control time) and the
         treated cells of a condition form one snapshot per time; the method fits one process
-        through all snapshots, and :meth:`predict` takes ``time=`` (measured or not, a list
-        gives trajectories). Supported by methods that model time (``"schrodinger_bridge"``).
+        through all snapshots, and :meth:`predict` takes ``time=`` (any time from the controls'
+        to the last snapshot's, measured or not; a list gives trajectories). Supported by methods that model time (``"schrodinger_bridge"``).
     pair_key
         Optional ``obs`` column naming, for every treated cell, the ``obs_name`` of the control
         cell it is known to descend from (lineage barcodes, repeated imaging of the same cell).
@@ -258,8 +263,26 @@ class ResponseModel:
     # -- predict ------------------------------------------------------------------------------
     def _source_array(self, source: ad.AnnData | np.ndarray) -> np.ndarray:
         if isinstance(source, ad.AnnData):
+            if self.spec_.axes is not None and self.rep not in source.obsm:
+                raise CellflowKeyError(
+                    f"source has no obsm[{self.rep!r}]: the model predicts in the training cells' PCA, so embed the "
+                    f"source cells in it first: source = cellflow.pp.project(source, reference=<training AnnData>, "
+                    f"key={self.rep!r})."
+                )
             x = get_representation(source, self.rep, features=self.spec_.feature_names)
             self._warn_other_axes(source)
+        elif isinstance(source, pd.DataFrame) and self.spec_.feature_names is not None:
+            # columns are matched by name, as for an AnnData: a bare array would silently mix genes up
+            wanted = list(self.spec_.feature_names)
+            columns = source.columns.astype(str)
+            missing = [name for name in wanted if name not in columns]
+            if missing:
+                raise CellflowKeyError(
+                    f"source (a DataFrame) lacks {len(missing)} of the model's {len(wanted)} features in rep={self.rep!r}: "
+                    f"{format_choices(missing, limit=10)}. Its columns are matched to them by name."
+                )
+            x = source.set_axis(columns, axis=1)[wanted].to_numpy(dtype=np.float32)
+            check_finite(x, self.rep, name="source")
         else:
             x = np.array(source, dtype=np.float32)
             if x.ndim != 2:
@@ -296,10 +319,13 @@ class ResponseModel:
                 f"covariates key {unknown[0]!r} is not a covariate of this model; valid choices: {format_choices(keys)}."
             )
         n = source.n_obs if isinstance(source, ad.AnnData) else len(source)
-        columns, given = [], set()
+        columns, given, explicit_unknown = [], set(), set()
         for key in keys:
             if key in covariates:
-                columns.append([str(covariates[key])] * n)
+                value = covariates[key]
+                columns.append([None if _is_missing(value) else str(value)] * n)
+                if _is_missing(value):  # asked for explicitly: predicted as of an unknown value, without a warning
+                    explicit_unknown.add(key)
             elif isinstance(source, ad.AnnData) and key in source.obs.columns:
                 column = source.obs[key]
                 # a missing value is an unknown covariate value, not the string 'nan'
@@ -310,15 +336,20 @@ class ResponseModel:
             given.add(key)
         # 1 and 1.0 (an integer column in training, a float one here, or the reverse) are one value
         columns = [_as_seen_numbers(column, self.spec_.covariate_values[key]) for key, column in zip(keys, columns)]
-        self._warn_unseen_covariates(columns, given)
+        self._warn_unseen_covariates(
+            [column for key, column in zip(keys, columns) if key not in explicit_unknown],
+            given,
+            [key for key in keys if key not in explicit_unknown],
+        )
         return list(zip(*columns)) if keys else [()] * n
 
-    def _warn_unseen_covariates(self, columns: list[list[str | None]], given: set[str]) -> None:
+    def _warn_unseen_covariates(self, columns: list[list[str | None]], given: set[str], keys: Sequence[str]) -> None:
         """Warn about covariates that are missing or hold values absent from the training data (a new patient, a typo).
 
-        ``given``: the keys given in ``covariates=`` or present as ``source.obs`` columns.
+        ``columns``: the values of the covariates ``keys``, per cell; ``given``: the keys given in
+        ``covariates=`` or present as ``source.obs`` columns.
         """
-        for key, column in zip(self.spec_.covariate_keys, columns):
+        for key, column in zip(keys, columns):
             seen = self.spec_.covariate_values[key]
             if column and all(v is None for v in column) and key not in given:
                 warnings.warn(
@@ -363,7 +394,8 @@ class ResponseModel:
         ----------
         source
             Control cells in the model's ``rep`` (AnnData, or a ``(n, d)`` array), e.g. a new
-            patient's untreated cells.
+            patient's untreated cells. A DataFrame's columns are matched to the model's genes
+            by name when it was trained on ``"X"`` or a layer, and its index names the cells.
         perturbation
             A condition (``"A"``, ``"A+B"``), or a list of them, stacked in the output.
         dose
@@ -372,7 +404,8 @@ class ResponseModel:
             ``None`` is dose 1 for every member (with a warning on models with a ``dose_key``).
         covariates
             ``{key: value}`` applied to every source cell (and written to the output's ``obs``);
-            values may be unseen. Keys not given are read per cell from ``source.obs`` when
+            values may be unseen; ``None`` asks for an unknown value (as for a patient of whom
+            nothing is recorded). Keys not given are read per cell from ``source.obs`` when
             present (a missing value there is an unknown value), else treated as unknown.
         seed
             Seed of the prediction's randomness (stochastic methods).
@@ -536,11 +569,14 @@ class ResponseModel:
         if isinstance(source, ad.AnnData):
             base_obs = source.obs.copy()
             names = source.obs_names.astype(str)
+        elif isinstance(source, pd.DataFrame):  # its index names the cells
+            names = source.index.astype(str)
+            base_obs = pd.DataFrame(index=names)
         else:
             base_obs = pd.DataFrame(index=pd.RangeIndex(n).astype(str))
             names = base_obs.index
         for key, value in (covariates or {}).items():  # the cells were predicted as of these values
-            base_obs[key] = str(value)
+            base_obs[key] = None if _is_missing(value) else str(value)
         labels = [self.control if c.is_control else c.label for c in conditions]
         repeated = pd.Series(labels).duplicated(keep=False).to_numpy()
         # the same condition at several doses: the dose tells the copies of a source cell apart
@@ -571,7 +607,10 @@ class ResponseModel:
             out = ad.AnnData(obs=obs, var=self._var(), layers={rep: prediction})
         else:
             out = ad.AnnData(obs=obs, obsm={rep: prediction})
-        out.uns["cellflow"] = {"method": self.method, "rep": rep}
+        # the obs columns that tell the predicted conditions apart: what an evaluation groups by
+        groupby = [self.perturbation_key, *([self.spec_.dose_key] if self.spec_.dose_key is not None else [])]
+        groupby += [self.spec_.time_key] if times is not None and len(times) > 1 else []
+        out.uns["cellflow"] = {"method": self.method, "rep": rep, "groupby": groupby}
         return out
 
     def _dose_value(self, condition) -> float | str:

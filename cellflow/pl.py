@@ -42,7 +42,9 @@ def embedding(
         ``{"control": ..., "observed": ..., "predicted": ...}``.
     rep
         Representation of every AnnData input; ``None``: the one the first prediction among them
-        was predicted in (``uns["cellflow"]["rep"]``), else ``"X"``.
+        was predicted in (``uns["cellflow"]["rep"]``), else ``"X"``. For ``"X"`` and layers the
+        genes are matched by var name to the first AnnData's, so the others may hold more genes
+        or another order.
     fit_on
         Label whose cells define the principal axes (default: all populations pooled).
     ax
@@ -57,7 +59,15 @@ def embedding(
     if rep is None:  # every population in one space: the first prediction's, else X
         recorded = [default_representation(v) for v in populations.values() if isinstance(v, ad.AnnData) and "cellflow" in v.uns]
         rep = recorded[0] if recorded else "X"
-    arrays = {k: get_representation(v, rep) if isinstance(v, ad.AnnData) else np.asarray(v, np.float32) for k, v in populations.items()}
+    # genes are matched by name, as in evaluate: observed cells may hold more genes, or another order
+    named = [v for v in populations.values() if isinstance(v, ad.AnnData) and rep not in v.obsm]
+    var_order = list(named[0].var_names) if named else None
+    arrays = {
+        k: get_representation(v, rep, features=None if rep in v.obsm else var_order)
+        if isinstance(v, ad.AnnData)
+        else np.asarray(v, np.float32)
+        for k, v in populations.items()
+    }
     widths = {k: v.shape[1] if v.ndim == 2 else v.shape for k, v in arrays.items()}
     if len(set(widths.values())) > 1:
         raise CellflowValueError(f"populations must have the same number of features (AnnData read in rep={rep!r}); got {widths}.")
@@ -110,7 +120,10 @@ def metric_bars(
     """
     if x is None:
         labels = [c for c in table.columns if not pd.api.types.is_numeric_dtype(table[c]) and c != hue]
-        x = "task" if "task" in table.columns else (labels[0] if labels else "task")
+        # a table grouped by a numeric column (dose, time) has no text label: its first column
+        # that is neither the metric nor a cell count names the groups
+        numeric = [c for c in table.columns if c not in (metric, hue) and not str(c).startswith("n_")]
+        x = "task" if "task" in table.columns else (labels[0] if labels else (numeric[0] if numeric else "task"))
     if hue is None and "method" in table.columns and x != "method":
         hue = "method"
     for column in (x, metric) if hue is None else (x, hue, metric):
@@ -128,7 +141,10 @@ def metric_bars(
     positions = np.arange(len(means.index))
     for i, column in enumerate(means.columns):
         ax.bar(positions + (i - (n - 1) / 2) * width, means[column].to_numpy(), width, label=str(column))
-    ax.set_xticks(positions, [str(i) for i in means.index])
+    ticks = [str(i) for i in means.index]
+    crowded = len(ticks) >= 5 or max((len(t) for t in ticks), default=0) > 12
+    # slanted labels, anchored at their end, stay readable when there are many or long ones
+    ax.set_xticks(positions, ticks, rotation=30 if crowded else 0, ha="right" if crowded else "center")
     ax.set_ylabel(metric.replace("_", " "))
     if log:
         ax.set_yscale("log")
@@ -157,7 +173,7 @@ def training_curve(history: pd.DataFrame, *, columns: Sequence[str] | None = Non
     The axes.
     """
     if history.empty:
-        raise CellflowKeyError("history is empty: the model has no training curve (closed-form methods have none).")
+        raise CellflowValueError("history is empty: the model has no training curve (closed-form methods have none).")
     if columns is None:  # the losses: not the step, the clock or the share of failed couplings
         columns = [c for c in history.columns if c not in ("step", "seconds", COUPLING_FALLBACK)]
     else:

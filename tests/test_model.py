@@ -2,6 +2,7 @@ import os
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 from _toy import toy_adata
 
@@ -228,6 +229,20 @@ def test_training_curve_draws_the_losses_not_the_clock():
     assert cf.pl.training_curve(signed).get_yscale() == "linear"
     with pytest.raises(cf.CellflowKeyError, match=r"columns \['lr'\].*valid choices"):
         cf.pl.training_curve(history, columns=["lr"])
+    with pytest.raises(cf.CellflowValueError, match="closed-form methods have none"):
+        cf.pl.training_curve(pd.DataFrame())
+
+
+def test_metric_bars_names_groups_of_a_numeric_column_and_slants_crowded_labels():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    by_dose = pd.DataFrame({"dose": [0.1, 1.0, 10.0], "n_pred": [5, 5, 5], "energy_distance": [1.0, 2.0, 3.0]})
+    ax = cf.pl.metric_bars(by_dose)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0.1", "1.0", "10.0"]
+    assert ax.get_xticklabels()[0].get_rotation() == 0
+    many = pd.DataFrame({"condition": [f"drug{i}+drug{i + 1}" for i in range(6)], "energy_distance": np.arange(6.0)})
+    assert cf.pl.metric_bars(many).get_xticklabels()[0].get_rotation() == 30
 
 
 def test_a_dose_model_asked_without_a_dose_says_which_dose_it_uses(toy):
@@ -236,3 +251,32 @@ def test_a_dose_model_asked_without_a_dose_says_which_dose_it_uses(toy):
     with pytest.warns(UserWarning, match=r"no dose given for \['A'\], so they are predicted at dose 1"):
         undosed = model.predict(source, "A")
     np.testing.assert_array_equal(undosed.X, model.predict(source, "A", dose=1.0).X)
+
+
+def test_a_dataframe_source_is_matched_to_the_genes_by_column_name(toy):
+    model = cf.ResponseModel(toy, rep="X", method="mean_shift").fit()
+    source = toy[toy.obs.condition == "control"]
+    expected = model.predict(source, "A")
+    names = [str(v) for v in toy.var_names]
+    frame = pd.DataFrame(np.asarray(source.X), index=source.obs_names, columns=names)
+    shuffled = frame[names[::-1]].assign(extra=1.0)  # another order and one more column
+    pred = model.predict(shuffled, "A")
+    np.testing.assert_allclose(pred.X, expected.X, atol=1e-6)
+    assert list(pred.obs_names) == list(expected.obs_names)  # the index names the cells
+    with pytest.raises(cf.CellflowKeyError, match=rf"lacks 1 of the model's 3 features.*{names[0]!r}"):
+        model.predict(frame.drop(columns=names[0]), "A")
+
+
+def test_an_explicit_none_covariate_is_an_unknown_value_not_the_text_none(toy):
+    import warnings
+
+    model = cf.ResponseModel(toy, rep="X", covariate_keys=("patient",), method="mean_shift").fit()
+    source = toy[toy.obs.condition == "control"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # asked for explicitly: nothing to warn about
+        unknown = model.predict(source, "A", covariates={"patient": None})
+    with pytest.warns(UserWarning, match="did not occur in the training data"):
+        new_patient = model.predict(source, "A", covariates={"patient": "P9"})
+    np.testing.assert_array_equal(unknown.X, new_patient.X)
+    assert unknown.obs["patient"].isna().all()
+    assert unknown.uns["cellflow"]["groupby"] == ["condition"]

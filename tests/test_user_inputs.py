@@ -7,6 +7,7 @@ import warnings
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 from _toy import toy_adata
@@ -235,3 +236,10 @@ def test_sphering_does_not_depend_on_feature_units():
     a = cf.pp.normalize_plates(ad.AnnData(X=x.astype(np.float32), obs=obs), method="sphering")
     b = cf.pp.normalize_plates(ad.AnnData(X=scaled.astype(np.float32), obs=obs), method="sphering")
     np.testing.assert_allclose(a.X, b.X, atol=1e-3)
+
+
+def test_choices_taken_from_numeric_columns_read_as_plain_numbers():
+    from cellflow._errors import format_choices
+
+    assert format_choices(pd.Series([101, 107]).unique()) == "[101, 107]"
+    assert format_choices([np.float32(0.5), "a"]) == "[0.5, 'a']"
