@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -180,15 +181,50 @@ def _predict(args) -> int:
     return 0
 
 
+def _predicted_groups_of(truth: ad.AnnData, pred: ad.AnnData, groupby: Sequence[str]) -> ad.AnnData:
+    """The cells of ``truth`` in groups that ``pred`` holds; the groups left out are named on stderr."""
+    import numpy as np
+
+    from cellflow._errors import CellflowValueError, format_choices
+    from cellflow.metrics._distribution import _as_columns, _check_obs_columns, _comparable, _group_indices
+
+    columns = _as_columns(groupby, "groupby")
+    _check_obs_columns(pred, columns, "groupby", "pred")
+    _check_obs_columns(truth, columns, "groupby", "truth")
+    predicted = {_comparable(k) for k in _group_indices(pred.obs, columns)}
+    groups = _group_indices(truth.obs, columns)
+    kept = [k for k in groups if _comparable(k) in predicted]
+    left_out = [k[0] if len(k) == 1 else k for k in groups if _comparable(k) not in predicted]
+    if not kept:
+        raise CellflowValueError(f"no group of truth (--groupby={columns!r}) has predicted cells in pred.")
+    if left_out:
+        print(f"cellflow evaluate: scoring {len(kept)} group(s); left out, not predicted: {format_choices(left_out, limit=10)}",
+              file=sys.stderr)
+    rows = np.sort(np.concatenate([groups[k] for k in kept]))
+    return truth[rows].copy()
+
+
 def _evaluate(args) -> int:
     import cellflow as cf
 
     _check_out_file(args.out)
-    pred, truth = (_read_cells(path, args.obs_column, args.groupby) for path in (args.pred, args.truth))
+    pred = _read_cells(args.pred, args.obs_column, args.groupby or ("condition",))
+    if args.groupby is None:  # the columns of the conditions PRED was predicted for, else 'condition'
+        info = pred.uns.get("cellflow")
+        recorded = info.get("groupby") if isinstance(info, Mapping) else None
+        args.groupby = [str(c) for c in recorded] if recorded is not None and len(recorded) else ["condition"]
+    truth = _read_cells(args.truth, args.obs_column, args.groupby)
+    if args.only_predicted:
+        truth = _predicted_groups_of(truth, pred, args.groupby)
     control = _read_cells(args.control, args.obs_column, args.groupby) if args.control else None
-    table = cf.metrics.evaluate(
-        pred, truth, rep=args.rep, groupby=args.groupby, control=control, metrics=tuple(args.metric), max_cells=args.max_cells
-    )
+    try:
+        table = cf.metrics.evaluate(
+            pred, truth, rep=args.rep, groupby=args.groupby, control=control, metrics=tuple(args.metric), max_cells=args.max_cells
+        )
+    except cf.CellflowValueError as error:
+        if "have no cells in pred" not in str(error):
+            raise
+        raise cf.CellflowValueError(f"{error} Pass --only-predicted to score only the groups PRED holds.") from None
     if args.out:
         table.to_csv(args.out, index=False)
     print(table.to_string(index=False))
@@ -449,7 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="fit on the built-in synthetic data, predict held-out tasks, compare to baselines")
     demo.add_argument("--out", default="cellflow_demo", help="output directory (default: cellflow_demo)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=int, default=0, help="seed of data, training and prediction (default: %(default)s)")
     demo.add_argument("--no-plot", action="store_true", help="skip the PNG figure")
     demo.add_argument("--steps", type=int, default=None, help="training steps of the learned method (default: its own)")
     demo.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
@@ -467,11 +503,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--time-key", default=None, help="obs column of measurement times, numbers (time courses)")
     train.add_argument("--pair-key", default=None, help="obs column naming each treated cell's control partner")
     train.add_argument("--option", action="append", help="method option as key=value (repeatable)")
-    train.add_argument("--steps", type=int, default=None)
-    train.add_argument("--batch-size", type=int, default=None)
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--steps", type=int, default=None, help="training steps of learned methods (default: the method's own)")
+    train.add_argument("--batch-size", type=int, default=None, help="cells per condition and step (default: the method's own)")
+    train.add_argument("--seed", type=int, default=0, help="seed of initialisation and training (default: %(default)s)")
     train.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
-    train.add_argument("--quiet", action="store_true")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=_train)
 
     predict = sub.add_parser("predict", help="predict treated cells from a saved model and source cells")
@@ -482,7 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--covariate", action="append", help="key=value applied to every source cell")
     predict.add_argument("--source-control", action="store_true", help="use only the control cells of SOURCE")
     predict.add_argument("--obs-column", action="append", metavar="COL", help="csv/tsv/parquet column to keep as metadata although numeric")
-    predict.add_argument("--seed", type=int, default=0)
+    predict.add_argument("--seed", type=int, default=0, help="seed of stochastic predictions (default: %(default)s)")
     predict.add_argument("--time", type=float, nargs="+", default=None, help="time(s) to predict (models fitted with --time-key)")
     predict.add_argument("--out", required=True, help="output .h5ad (its folder must exist)")
     predict.set_defaults(func=_predict)
@@ -492,11 +528,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("truth")
     evaluate.add_argument("--rep", default=None, help="'X', a layer or an obsm key (default: the one PRED was predicted in, else X)")
     evaluate.add_argument("--groupby", action="append", metavar="COL",
-                          help="obs column to group cells by (repeatable; default: condition)")
+                          help="obs column to group cells by (repeatable; default: the perturbation (and dose) columns "
+                          "recorded by 'cellflow predict' in PRED, else condition)")
     evaluate.add_argument("--control", default=None, help="file of control cells, for delta metrics")
+    evaluate.add_argument("--only-predicted", action="store_true",
+                          help="score only the groups of TRUTH that PRED holds (e.g. TRUTH is the whole data set, controls "
+                          "included); without it a group of TRUTH without predictions is an error")
     evaluate.add_argument("--obs-column", action="append", metavar="COL", help="csv/tsv/parquet column to keep as metadata although numeric")
-    evaluate.add_argument("--metric", action="extend", nargs="+", default=None)
-    evaluate.add_argument("--max-cells", type=int, default=None)
+    evaluate.add_argument("--metric", action="extend", nargs="+", default=None, metavar="METRIC",
+                          help="metrics of cellflow.metrics.evaluate (default: energy_distance mmd sinkhorn_divergence r2_mean)")
+    evaluate.add_argument("--max-cells", type=int, default=None,
+                          help="cells per side and group for the distribution metrics (default: all)")
     evaluate.add_argument("--out", default=None, help="CSV output")
     evaluate.set_defaults(func=_evaluate)
 
@@ -504,12 +546,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _flag_names(parser: argparse.ArgumentParser, command: str) -> dict[str, str]:
+    """``{dest: "--flag"}`` of ``command``'s options whose flag differs from the Python name."""
+    for action in parser._subparsers._group_actions:  # argparse keeps the sub-commands here only
+        sub = action.choices.get(command)
+        if sub is not None:
+            return {
+                a.dest: a.option_strings[-1]
+                for a in sub._actions
+                if a.option_strings and a.option_strings[-1].startswith("--") and a.dest != "help"
+            }
+    return {}
+
+
+def _in_flags(message: str, flags: dict[str, str]) -> str:
+    """An error of the library, with its argument names (``dose_key=``) written as this command's flags (``--dose-key=``)."""
+    for dest in sorted(flags, key=len, reverse=True):
+        message = re.sub(rf"(?<![\w.-]){re.escape(dest)}=", f"{flags[dest]}=", message)
+    return message
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.command == "evaluate" and args.metric is None:
         args.metric = ["energy_distance", "mmd", "sinkhorn_divergence", "r2_mean"]
-    if args.command == "evaluate" and args.groupby is None:
-        args.groupby = ["condition"]
     from cellflow._errors import CellflowKeyError, CellflowValueError
 
     def show_warning(message, category, filename, lineno, file=None, line=None):
@@ -521,7 +582,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             return args.func(args)
         except (CellflowKeyError, CellflowValueError, FileNotFoundError, FileExistsError) as err:
-            print(f"cellflow {args.command}: error: {err}", file=sys.stderr)
+            print(f"cellflow {args.command}: error: {_in_flags(str(err), _flag_names(parser, args.command))}", file=sys.stderr)
             return 2
 
 

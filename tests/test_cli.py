@@ -53,10 +53,17 @@ def test_cli_train_predict_evaluate(tmp_path, capsys):
     assert predicted.n_obs == 2 * (adata.obs.condition == "control").sum()
     table_path = tmp_path / "eval.csv"
     truth = tmp_path / "truth.h5ad"
-    adata[adata.obs.condition.isin(["A", "B"])].copy().write_h5ad(truth)
-    assert main(["evaluate", str(pred), str(truth), "--rep", "X", "--metric", "energy_distance", "--out", str(table_path)]) == 0
+    adata.write_h5ad(truth)
+    # the prediction is of doses 1 only, which is how it is grouped: the other groups are not scored against it
+    assert main(["evaluate", str(pred), str(truth), "--rep", "X", "--metric", "energy_distance", "--out", str(table_path)]) == 2
+    err = capsys.readouterr().err
+    assert "groups [('A', '10.0'), ('A+B', '1+1'), ('B', '10.0'), ('control', '0')] of truth" in err and "--only-predicted" in err
+    assert main(["evaluate", str(pred), str(truth), "--rep", "X", "--metric", "energy_distance", "--out", str(table_path),
+                 "--only-predicted"]) == 0
+    assert "left out, not predicted: [('A', '10.0'), ('A+B', '1+1'), ('B', '10.0'), ('control', '0')]" in capsys.readouterr().err
     table = pd.read_csv(table_path)
-    assert list(table["condition"]) == ["A", "B"] and np.isfinite(table["energy_distance"]).all()
+    assert list(table["condition"]) == ["A", "B"] and list(table["dose"]) == [1.0, 1.0]
+    assert np.isfinite(table["energy_distance"]).all()
 
 
 def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):
@@ -121,8 +128,31 @@ def test_cli_train_defaults_and_help(tmp_path, capsys):
         main(["train", "--help"])
     assert exit_info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    for default in ("(default: flow_matching)", "(default: X_pca)", "(default: condition)", "(default: control)"):
+    for default in ("(default: flow_matching)", "(default: X_pca)", "(default: condition)", "(default: control)",
+                    "--steps STEPS training steps of learned methods (default: the method's own)", "--seed SEED seed of"):
         assert default in text
+
+
+def test_cli_evaluate_groups_by_the_columns_the_prediction_was_made_for(tmp_path, capsys):
+    adata = toy_adata()
+    adata.obs = adata.obs.rename(columns={"condition": "drug"})
+    data = tmp_path / "toy.h5ad"
+    adata.write_h5ad(data)
+    model_dir, pred = tmp_path / "model", tmp_path / "pred.h5ad"
+    assert main(["train", str(data), "--out", str(model_dir), "--rep", "X", "--perturbation-key", "drug",
+                 "--method", "mean_shift", "--quiet"]) == 0
+    assert main(["predict", str(model_dir), str(data), "--source-control", "--perturbation", "A", "--perturbation", "B",
+                 "--out", str(pred)]) == 0
+    truth = tmp_path / "truth.h5ad"
+    adata[adata.obs.drug.isin(["A", "B"])].copy().write_h5ad(truth)
+    capsys.readouterr()
+    assert main(["evaluate", str(pred), str(truth), "--metric", "energy_distance"]) == 0  # no --groupby drug needed
+    printed = capsys.readouterr().out
+    assert "drug" in printed and " A " in printed and " B " in printed
+    # the library's argument names are written as this command's flags
+    assert main(["train", str(data), "--out", str(tmp_path / "m2"), "--rep", "X", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--perturbation-key='condition' is not a column" in err and "perturbation_key=" not in err
 
 
 def test_cli_refuses_unwritable_outputs_before_working(tmp_path, capsys):
