@@ -280,8 +280,9 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path, monkeypatch):
         cf.ResponseModel(adata, **wider, checkpoint_dir=str(tmp_path / "a")).fit(steps=100, batch_size=32, progress=False, resume=True)
     with pytest.raises(cf.CellflowValueError, match=r"seed: 0 there, 1 now"):
         cf.ResponseModel(adata, **args, checkpoint_dir=str(tmp_path / "a")).fit(steps=100, batch_size=32, seed=1, progress=False, resume=True)
-    with pytest.warns(UserWarning, match="no checkpoint_dir option to resume from"):
+    with pytest.warns(UserWarning, match="no checkpoint_dir option to resume from") as caught:
         cf.ResponseModel(adata, **args).fit(steps=25, batch_size=32, progress=False, resume=True)
+    assert {w.filename for w in caught if "checkpoint_dir" in str(w.message)} == {__file__}  # the user's line
 
 
 def test_validation_split_records_scores():

@@ -46,6 +46,8 @@ from typing import Any
 
 import jax
 
+from cellflow._errors import user_stacklevel
+
 __all__ = ["clear_compiled_programs", "compilation_cache_dir", "set_compilation_cache", "shared_jit"]
 
 #: Executables kept in memory, least recently used dropped first. A default flow-matching chunk
@@ -246,7 +248,7 @@ def _store(path: Path, compiled: jax.stages.Compiled) -> None:
                 f"compile its training programs again. Choose another folder with "
                 f"cellflow.train.set_compilation_cache(path) or ${CACHE_ENV}, or disable it with {CACHE_ENV}=off.",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=user_stacklevel(),
             )
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from cellflow._errors import CellflowValueError
+from cellflow._errors import CellflowValueError, user_stacklevel
 from cellflow.train._checkpoint import latest_checkpoint, restore_checkpoint, save_checkpoint
 from cellflow.train._state import TrainState
 
@@ -115,7 +115,7 @@ def run_training(
             f"{description}: resume=True, but there is no checkpoint_dir option to resume from, so training starts "
             "from scratch; pass checkpoint_dir=<directory> to the model to write and resume checkpoints.",
             UserWarning,
-            stacklevel=4,
+            stacklevel=user_stacklevel(),
         )
     if resume and checkpoint_dir is not None and latest_checkpoint(checkpoint_dir) is not None:
         state, history = restore_checkpoint(checkpoint_dir, state, run)
@@ -180,5 +180,5 @@ def _warn_failed_couplings(history: list[dict], description: str) -> None:
             "or standardise the cells. The history's "
             f"{COUPLING_FALLBACK!r} column gives the fraction per chunk.",
             UserWarning,
-            stacklevel=4,
+            stacklevel=user_stacklevel(),
         )
