@@ -418,7 +418,8 @@ class ResponseModel:
         Returns
         -------
         AnnData with one predicted cell per source cell per condition (and per time), holding
-        the prediction in the model's ``rep`` (``X``, the layer, or ``obsm``), ``obs`` copied from
+        the prediction in the model's ``rep`` (``X``, the layer, or ``obsm``; with ``obsm``, ``X`` is
+        an empty ``(n, 0)`` matrix, so :func:`anndata.concat` with observed cells keeps it), ``obs`` copied from
         the source with ``obs[perturbation_key]`` (and ``obs[dose_key]`` written as the training
         data wrote doses, ``obs[time_key]``, the ``covariates``) set. Cells are named
         ``"{source name}-{condition}"`` (the condition as ``obs`` writes it), with ``"@{dose}"``
@@ -606,7 +607,8 @@ class ResponseModel:
         elif self.spec_.feature_names is not None:  # a layer
             out = ad.AnnData(obs=obs, var=self._var(), layers={rep: prediction})
         else:
-            out = ad.AnnData(obs=obs, obsm={rep: prediction})
+            # an empty X (not None), as the loaders give embeddings, so anndata.concat with observed cells works
+            out = ad.AnnData(X=np.zeros((len(obs), 0), dtype=np.float32), obs=obs, obsm={rep: prediction})
         # the obs columns that tell the predicted conditions apart: what an evaluation groups by
         groupby = [self.perturbation_key, *([self.spec_.dose_key] if self.spec_.dose_key is not None else [])]
         groupby += [self.spec_.time_key] if times is not None and len(times) > 1 else []

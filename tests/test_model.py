@@ -55,6 +55,9 @@ def test_prediction_anndata_layout(toy):
     assert pred.obs["dose"].tolist() == ["10"] * source.n_obs + ["1+1"] * source.n_obs
     assert (pred.obs["patient"] == "P1").all()  # source obs carried over
     assert pred.obs_names.is_unique
+    # observed and predicted cells concatenate for a joint plot; the shared embedding survives
+    both = ad.concat([source, pred], label="origin", keys=["observed", "predicted"])
+    assert both.obsm["X_pca"].shape == (3 * source.n_obs, 3)
 
 
 def test_covariates_from_source_obs_per_cell(toy):

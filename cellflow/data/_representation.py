@@ -74,10 +74,13 @@ def get_representation(
             f"rep={rep!r} is neither 'X', an obsm key nor a layer of this AnnData; "
             f"valid choices: {format_choices(available_representations(adata))}."
         )
-    if matrix is None:
+    # an X without columns is how embeddings (obsm) are stored beside an empty X, as by the
+    # loaders and predict(): asking for it is asking for the wrong representation
+    if matrix is None or (rep == "X" and adata.n_vars == 0):
         others = [r for r in available_representations(adata) if r != "X"]
         choices = f"valid choices: {format_choices(others)}" if others else "this AnnData holds no other representation"
-        raise CellflowValueError(f"rep={rep!r} is empty (adata.X is None); {choices}.")
+        why = "adata.X is None" if matrix is None else "adata.X has no columns"
+        raise CellflowValueError(f"rep={rep!r} is empty ({why}); {choices}.")
     if hasattr(matrix, "to_memory"):  # a sparse matrix of an AnnData opened with backed="r"
         matrix = matrix.to_memory()
     elif isinstance(matrix, h5py.Dataset):  # a dense matrix of an AnnData opened with backed="r"
