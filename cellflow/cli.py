@@ -559,8 +559,14 @@ def _flag_names(parser: argparse.ArgumentParser, command: str) -> dict[str, str]
     return {}
 
 
-def _in_flags(message: str, flags: dict[str, str]) -> str:
-    """An error of the library, with its argument names (``dose_key=``) written as this command's flags (``--dose-key=``)."""
+def _in_flags(message: str, parser: argparse.ArgumentParser, command: str) -> str:
+    """An error of the library, with its argument names (``dose_key=``) written as flags (``--dose-key=``).
+
+    Names are this command's flags; a model option the message asks to pass "to ResponseModel"
+    is a flag of ``cellflow train``, so that command is named instead.
+    """
+    flags = {**_flag_names(parser, "train"), **_flag_names(parser, command)}
+    message = message.replace("to ResponseModel", "to `cellflow train`")
     for dest in sorted(flags, key=len, reverse=True):
         message = re.sub(rf"(?<![\w.-]){re.escape(dest)}=", f"{flags[dest]}=", message)
     return message
@@ -582,7 +588,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             return args.func(args)
         except (CellflowKeyError, CellflowValueError, FileNotFoundError, FileExistsError) as err:
-            print(f"cellflow {args.command}: error: {_in_flags(str(err), _flag_names(parser, args.command))}", file=sys.stderr)
+            print(f"cellflow {args.command}: error: {_in_flags(str(err), parser, args.command)}", file=sys.stderr)
             return 2
 
 

@@ -71,6 +71,13 @@ def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):
     toy_adata().write_h5ad(data)
     assert main(["train", str(data), "--out", str(tmp_path / "m"), "--rep", "nope"]) == 2
     assert "rep='nope'" in capsys.readouterr().err
+    # a model option missing at predict time is named as the flag of the command that sets it
+    model_dir = tmp_path / "m"
+    assert main(["train", str(data), "--out", str(model_dir), "--rep", "X", "--method", "mean_shift", "--quiet"]) == 0
+    assert main(["predict", str(model_dir), str(data), "--source-control", "--perturbation", "A", "--dose", "1.0",
+                 "--out", str(tmp_path / "p.h5ad")]) == 2
+    err = capsys.readouterr().err
+    assert "--dose-key=<obs column of doses> to `cellflow train`" in err and "ResponseModel" not in err
 
 
 def test_cli_train_with_an_embedding_table_predicts_an_unseen_perturbation(tmp_path):
