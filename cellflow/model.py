@@ -118,7 +118,8 @@ class ResponseModel:
         them. The controls are the start of the process (at the earliest control time) and the
         treated cells of a condition form one snapshot per time; the method fits one process
         through all snapshots, and :meth:`predict` takes ``time=`` (any time from the controls'
-        to the last snapshot's, measured or not; a list gives trajectories). Supported by methods that model time (``"schrodinger_bridge"``).
+        to the last snapshot's, measured or not; a list gives trajectories). Supported by
+        methods that model time (``"schrodinger_bridge"``).
     pair_key
         Optional ``obs`` column naming, for every treated cell, the ``obs_name`` of the control
         cell it is known to descend from (lineage barcodes, repeated imaging of the same cell).
@@ -418,10 +419,13 @@ class ResponseModel:
         Returns
         -------
         AnnData with one predicted cell per source cell per condition (and per time), holding
-        the prediction in the model's ``rep`` (``X``, the layer, or ``obsm``; with ``obsm``, ``X`` is
-        an empty ``(n, 0)`` matrix, so :func:`anndata.concat` with observed cells keeps it), ``obs`` copied from
-        the source with ``obs[perturbation_key]`` (and ``obs[dose_key]`` written as the training
-        data wrote doses, ``obs[time_key]``, the ``covariates``) set. Cells are named
+        the prediction in the model's ``rep`` (``X``, the layer, or ``obsm``; with ``obsm``,
+        ``X`` is an empty ``(n, 0)`` matrix, so that :func:`anndata.concat` with observed cells
+        keeps the embedding), ``obs`` copied from the source with ``obs[perturbation_key]``
+        (and ``obs[dose_key]`` written as the training data wrote doses, ``obs[time_key]``, the
+        ``covariates``) set, and ``uns["cellflow"]`` recording the method, the ``rep`` and the
+        ``obs`` columns that tell the predicted conditions apart (``"groupby"``, what
+        :func:`cellflow.metrics.evaluate` should group by). Cells are named
         ``"{source name}-{condition}"`` (the condition as ``obs`` writes it), with ``"@{dose}"``
         added when a condition is predicted at several doses, and made unique
         (:func:`anndata.utils.make_index_unique`) where names would repeat.
