@@ -142,9 +142,13 @@ def metric_bars(
     for i, column in enumerate(means.columns):
         ax.bar(positions + (i - (n - 1) / 2) * width, means[column].to_numpy(), width, label=str(column))
     ticks = [str(i) for i in means.index]
-    crowded = len(ticks) >= 5 or max((len(t) for t in ticks), default=0) > 12
-    # slanted labels, anchored at their end, stay readable when there are many or long ones
-    ax.set_xticks(positions, ticks, rotation=30 if crowded else 0, ha="right" if crowded else "center")
+    ax.set_xticks(positions, ticks)
+    # labels that would not fit side by side (a character is about 0.6 em wide) are slanted,
+    # anchored at their end, so that they stay readable
+    font_points = ax.get_xticklabels()[0].get_fontsize() if ticks else 0.0
+    room_points = ax.get_window_extent().width * 72 / ax.figure.dpi / max(len(ticks), 1)
+    if max((len(t) for t in ticks), default=0) * 0.6 * font_points > room_points:
+        ax.set_xticks(positions, ticks, rotation=30, ha="right")
     ax.set_ylabel(metric.replace("_", " "))
     if log:
         ax.set_yscale("log")

@@ -246,6 +246,9 @@ def test_metric_bars_names_groups_of_a_numeric_column_and_slants_crowded_labels(
     assert ax.get_xticklabels()[0].get_rotation() == 0
     many = pd.DataFrame({"condition": [f"drug{i}+drug{i + 1}" for i in range(6)], "energy_distance": np.arange(6.0)})
     assert cf.pl.metric_bars(many).get_xticklabels()[0].get_rotation() == 30
+    # long labels with room to spare stay level
+    tasks = pd.DataFrame({"task": ["held-out combinations", "unseen patient (P4)"], "energy_distance": [1.0, 2.0]})
+    assert cf.pl.metric_bars(tasks).get_xticklabels()[0].get_rotation() == 0
 
 
 def test_a_dose_model_asked_without_a_dose_says_which_dose_it_uses(toy):
