@@ -493,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
 
     train = sub.add_parser("train", help="fit a ResponseModel on an h5ad/csv/parquet file and save it")
-    train.add_argument("data")
+    train.add_argument("data", help="h5ad/csv/parquet of the training cells, controls and treated")
     train.add_argument("--out", required=True, help="model directory (missing folders are created)")
     train.add_argument(
         "--method", default="flow_matching",
@@ -511,7 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_train)
 
     predict = sub.add_parser("predict", help="predict treated cells from a saved model and source cells")
-    predict.add_argument("model")
+    predict.add_argument("model", help="folder of a model written by 'cellflow train' (or ResponseModel.save)")
     predict.add_argument("source", help="h5ad/csv/parquet of source (control) cells")
     predict.add_argument("--perturbation", action="append", required=True, help="repeat for several conditions")
     predict.add_argument("--dose", action="append", help="one per --perturbation, or one for all")
@@ -524,8 +524,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.set_defaults(func=_predict)
 
     evaluate = sub.add_parser("evaluate", help="compare predicted and observed cells per group")
-    evaluate.add_argument("pred")
-    evaluate.add_argument("truth")
+    evaluate.add_argument("pred", help="h5ad/csv/parquet of predicted cells, e.g. written by 'cellflow predict'")
+    evaluate.add_argument("truth", help="h5ad/csv/parquet of the observed cells to compare them with")
     evaluate.add_argument("--rep", default=None, help="'X', a layer or an obsm key (default: the one PRED was predicted in, else X)")
     evaluate.add_argument("--groupby", action="append", metavar="COL",
                           help="obs column to group cells by (repeatable; default: the perturbation (and dose) columns "

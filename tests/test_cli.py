@@ -138,6 +138,10 @@ def test_cli_train_defaults_and_help(tmp_path, capsys):
     for default in ("(default: flow_matching)", "(default: X_pca)", "(default: condition)", "(default: control)",
                     "--steps STEPS training steps of learned methods (default: the method's own)", "--seed SEED seed of"):
         assert default in text
+    # every positional argument of every command says what it is
+    commands = next(a for a in build_parser()._actions if a.choices and "train" in a.choices).choices
+    bare = [(name, a.dest) for name, sub in commands.items() for a in sub._actions if not a.option_strings and not a.help]
+    assert bare == []
 
 
 def test_cli_evaluate_groups_by_the_columns_the_prediction_was_made_for(tmp_path, capsys):
