@@ -53,8 +53,8 @@ def _checked_seed(seed: Any) -> int:
 
 
 def _is_missing(value: Any) -> bool:
-    """``None`` or a float NaN (e.g. ``np.nan``, ``pd.NA``): an unknown covariate value, not the string ``'None'``."""
-    return value is None or value is pd.NA or (isinstance(value, (float, np.floating)) and np.isnan(value))
+    """``None``, NaN or ``pd.NA`` (what :func:`pandas.isna` calls missing): an unknown covariate value, not the string ``'None'``."""
+    return pd.api.types.is_scalar(value) and bool(pd.isna(value))
 
 
 def _as_seen_numbers(values: list[str | None], seen: Sequence[str]) -> list[str | None]:
@@ -324,8 +324,9 @@ class ResponseModel:
         for key in keys:
             if key in covariates:
                 value = covariates[key]
-                columns.append([None if _is_missing(value) else str(value)] * n)
-                if _is_missing(value):  # asked for explicitly: predicted as of an unknown value, without a warning
+                missing = _is_missing(value)
+                columns.append([None if missing else str(value)] * n)
+                if missing:  # asked for explicitly: predicted as of an unknown value, without a warning
                     explicit_unknown.add(key)
             elif isinstance(source, ad.AnnData) and key in source.obs.columns:
                 column = source.obs[key]
