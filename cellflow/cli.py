@@ -181,8 +181,10 @@ def _predict(args) -> int:
     return 0
 
 
-def _predicted_groups_of(truth: ad.AnnData, pred: ad.AnnData, groupby: Sequence[str]) -> ad.AnnData:
-    """The cells of ``truth`` in groups that ``pred`` holds; the groups left out are named on stderr."""
+def _predicted_groups_of(truth: ad.AnnData, pred: ad.AnnData, groupby: Sequence[str], only_predicted: bool) -> ad.AnnData:
+    """``truth``, or with ``only_predicted`` its cells in groups that ``pred`` holds (the groups
+    left out are named on stderr). Without it, a group of ``truth`` that ``pred`` lacks is an
+    error that points to ``--only-predicted``."""
     import numpy as np
 
     from cellflow._errors import CellflowValueError, format_choices
@@ -191,15 +193,23 @@ def _predicted_groups_of(truth: ad.AnnData, pred: ad.AnnData, groupby: Sequence[
     columns = _as_columns(groupby, "groupby")
     _check_obs_columns(pred, columns, "groupby", "pred")
     _check_obs_columns(truth, columns, "groupby", "truth")
-    predicted = {_comparable(k) for k in _group_indices(pred.obs, columns)}
+    predicted = _group_indices(pred.obs, columns)
+    comparable = {_comparable(k) for k in predicted}
     groups = _group_indices(truth.obs, columns)
-    kept = [k for k in groups if _comparable(k) in predicted]
-    left_out = [k[0] if len(k) == 1 else k for k in groups if _comparable(k) not in predicted]
+    kept = [k for k in groups if _comparable(k) in comparable]
+    left_out = [k[0] if len(k) == 1 else k for k in groups if _comparable(k) not in comparable]
+    if not left_out:
+        return truth
+    if not only_predicted:
+        shown = [k[0] if len(k) == 1 else k for k in predicted]
+        raise CellflowValueError(
+            f"groups {format_choices(left_out, limit=10)} of truth (--groupby={columns!r}) have no cells in pred, whose "
+            f"groups are {format_choices(shown, limit=10)}. Pass --only-predicted to score only the groups PRED holds."
+        )
     if not kept:
         raise CellflowValueError(f"no group of truth (--groupby={columns!r}) has predicted cells in pred.")
-    if left_out:
-        print(f"cellflow evaluate: scoring {len(kept)} group(s); left out, not predicted: {format_choices(left_out, limit=10)}",
-              file=sys.stderr)
+    print(f"cellflow evaluate: scoring {len(kept)} group(s); left out, not predicted: {format_choices(left_out, limit=10)}",
+          file=sys.stderr)
     rows = np.sort(np.concatenate([groups[k] for k in kept]))
     return truth[rows].copy()
 
@@ -213,18 +223,11 @@ def _evaluate(args) -> int:
         info = pred.uns.get("cellflow")
         recorded = info.get("groupby") if isinstance(info, Mapping) else None
         args.groupby = [str(c) for c in recorded] if recorded is not None and len(recorded) else ["condition"]
-    truth = _read_cells(args.truth, args.obs_column, args.groupby)
-    if args.only_predicted:
-        truth = _predicted_groups_of(truth, pred, args.groupby)
+    truth = _predicted_groups_of(_read_cells(args.truth, args.obs_column, args.groupby), pred, args.groupby, args.only_predicted)
     control = _read_cells(args.control, args.obs_column, args.groupby) if args.control else None
-    try:
-        table = cf.metrics.evaluate(
-            pred, truth, rep=args.rep, groupby=args.groupby, control=control, metrics=tuple(args.metric), max_cells=args.max_cells
-        )
-    except cf.CellflowValueError as error:
-        if "have no cells in pred" not in str(error):
-            raise
-        raise cf.CellflowValueError(f"{error} Pass --only-predicted to score only the groups PRED holds.") from None
+    table = cf.metrics.evaluate(
+        pred, truth, rep=args.rep, groupby=args.groupby, control=control, metrics=tuple(args.metric), max_cells=args.max_cells
+    )
     if args.out:
         table.to_csv(args.out, index=False)
     print(table.to_string(index=False))

@@ -7,6 +7,7 @@ import sys
 import textwrap
 import warnings
 
+import anndata as ad
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -79,12 +80,18 @@ def test_programs_of_the_same_text_for_arguments_of_other_shapes_are_kept_apart(
 
 
 def test_refitting_a_configuration_reuses_its_compiled_training_chunk(count_compilations):
-    adata = shift_data(n=100)
+    # a covariate for covariate_dropout, and a combination for interaction_penalty, to act on
+    singles = shift_data(n=100)
+    x = np.random.default_rng(1).normal(size=(100, 2))
+    both = ad.AnnData(X=(x + [3.0, 0.0] + [0.0, -2.0] * np.abs(x[:, :1])).astype(np.float32), obs={"condition": ["A+B"] * 100})
+    adata = ad.concat([singles, both], index_unique="-")
+    adata.obs["batch"] = np.where(np.arange(adata.n_obs) % 2, "b1", "b2")
     source = adata[adata.obs.condition == "control"][:50]
 
     def fit(seed, steps=20, **optimiser):
-        model = cf.ResponseModel(adata, rep="X", method="flow_matching", **{**SMALL, "chunk": 20, **optimiser})
-        return model.fit(steps=steps, batch_size=32, seed=seed, progress=False).predict(source, "A").X
+        model = cf.ResponseModel(adata, rep="X", method="flow_matching", covariate_keys=("batch",),
+                                 **{**SMALL, "chunk": 20, **optimiser})
+        return model.fit(steps=steps, batch_size=32, seed=seed, progress=False).predict(source, "A+B", covariates={"batch": "b1"}).X
 
     clear_compiled_programs()
     fit(0)
@@ -96,9 +103,25 @@ def test_refitting_a_configuration_reuses_its_compiled_training_chunk(count_comp
     swept = fit(1, steps=60, learning_rate=3e-3, warmup=5, weight_decay=1e-3)
     # the optimiser's first state holds the new numbers (a program of a few constants)
     assert count_compilations["programs"][after_first:] == ["jit_init_fn"] and not np.allclose(swept, shared)
+    # nor one over the solver's continuous numbers, which are arguments of the program
+    for number, value in (("sigma", 1.0), ("epsilon", 0.05), ("ema_decay", 0.5), ("covariate_dropout", 0.3),
+                          ("interaction_penalty", 0.2)):
+        assert not np.allclose(fit(1, **{number: value}), shared), number
+    assert count_compilations["n"] == after_first + 1
     clear_compiled_programs()
     np.testing.assert_array_equal(fit(1), shared)
     assert count_compilations["n"] == 2 * after_first + 1  # what the first fit compiled, again
+
+
+def test_a_sweep_over_the_bridge_noise_shares_its_training_program(count_compilations):
+    adata = shift_data(n=60)
+    clear_compiled_programs()
+    losses = []
+    for sigma in (1.0, 0.5):
+        model = cf.ResponseModel(adata, rep="X", method="schrodinger_bridge", sigma=sigma, **{**SMALL, "chunk": 10})
+        losses.append(model.fit(steps=10, batch_size=32, seed=0, progress=False).history_["loss"].to_numpy())
+    assert count_compilations["programs"].count("jit_scan_steps") == 1
+    assert not np.allclose(losses[0], losses[1])
 
 
 # -- the on-disk cache ---------------------------------------------------------------------------

@@ -26,7 +26,8 @@ class BridgeField(nnx.Module):
         self.score = score
 
     def encode(
-        self, condition: ConditionArrays, source: jax.Array, key: jax.Array | None = None, covariate_dropout: float = 0.0
+        self, condition: ConditionArrays, source: jax.Array, key: jax.Array | None = None,
+        covariate_dropout: float | jax.Array = 0.0,
     ) -> tuple[Encoded, Encoded]:
         """Encode a condition and its source population ``(N, d)`` for both fields."""
         keys = (None, None) if key is None else tuple(jax.random.split(key))

@@ -193,7 +193,7 @@ class ResponseField(nnx.Module):
         condition: ConditionArrays,
         source: jax.Array,
         key: jax.Array | None = None,
-        covariate_dropout: float = 0.0,
+        covariate_dropout: float | jax.Array = 0.0,
     ) -> Encoded:
         """Encode one condition and its source population ``(N, d)``.
 
@@ -207,7 +207,8 @@ class ResponseField(nnx.Module):
         for i, (table, size) in enumerate(zip(self.covariates, self.covariate_sizes)):
             code = condition.covariates[i]
             code = jnp.where((code < 0) | (code >= size), size, code)
-            if keys is not None and covariate_dropout > 0:
+            # a traced rate (a training program shared across rates) always draws
+            if keys is not None and (isinstance(covariate_dropout, jax.Array) or covariate_dropout > 0):
                 code = jnp.where(jax.random.bernoulli(keys[i], covariate_dropout), size, code)
             context = context + table(code)
         if self.population is not None:

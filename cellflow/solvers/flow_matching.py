@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import diffrax
 import jax
@@ -35,7 +35,7 @@ from cellflow.nn import ResponseField
 from cellflow.solvers.baselines import AffineResponse, push_group
 from cellflow.train import COUPLING_FALLBACK, TrainState, initial_state, scanned_training_chunk, shared_jit, training_step
 
-__all__ = ["COMBINE_RULES", "COUPLINGS", "PATHS", "SOLVERS", "FlowMatchingConfig", "checked_plan", "couple", "sample_plan", "usable_plan", "energy_distance", "interpolate", "make_train_chunk", "make_step", "flow_matching_loss", "push", "init_state", "integrate"]
+__all__ = ["COMBINE_RULES", "COUPLINGS", "PATHS", "SOLVERS", "FlowMatchingConfig", "FlowMatchingScalars", "checked_plan", "couple", "sample_plan", "usable_plan", "energy_distance", "interpolate", "make_train_chunk", "make_step", "flow_matching_loss", "push", "init_state", "integrate"]
 
 
 PATHS = ("straight", "brownian", "smoothed")
@@ -120,20 +120,46 @@ class FlowMatchingConfig:
                 raise CellflowValueError(f"FlowMatchingConfig: {name}={getattr(self, name)!r} must be {expected}.")
 
 
+class FlowMatchingScalars(NamedTuple):
+    """The continuous hyper-parameters of :class:`FlowMatchingConfig` as a PyTree.
+
+    :func:`make_train_chunk` hands them to the loss as arguments of the compiled training
+    program, so fits that differ only in these values (a sweep over ``sigma`` or ``epsilon``)
+    share one compiled program. Fields as in :class:`FlowMatchingConfig`; floats or scalar arrays.
+    """
+
+    epsilon: float | jax.Array
+    sigma: float | jax.Array
+    sigma_min: float | jax.Array
+    covariate_dropout: float | jax.Array
+    interaction_penalty: float | jax.Array
+
+    @classmethod
+    def of(cls, config: FlowMatchingConfig) -> FlowMatchingScalars:
+        """The config's values."""
+        return cls(config.epsilon, config.sigma, config.sigma_min, config.covariate_dropout, config.interaction_penalty)
+
+
 def couple(
-    key: jax.Array, source: jax.Array, target: jax.Array, config: FlowMatchingConfig, *, with_status: bool = False
+    key: jax.Array,
+    source: jax.Array,
+    target: jax.Array,
+    config: FlowMatchingConfig,
+    *,
+    with_status: bool = False,
+    epsilon: float | jax.Array | None = None,
 ) -> tuple[jax.Array, ...]:
     """Resample ``(x0, x1)`` pairs ``(B, d)`` from the entropic OT plan between two batches.
 
     Each source cell keeps its place; its partner is drawn from its row of the plan (for
     unbalanced plans, source cells are also redrawn by their row mass). ``with_status`` also
     returns whether Sinkhorn failed and the batch was paired independently (see
-    :func:`sample_plan`).
+    :func:`sample_plan`). ``epsilon`` (a number or a traced scalar) replaces ``config.epsilon``.
     """
     if config.coupling == "independent":
         return (source, target, jnp.asarray(False)) if with_status else (source, target)
     return sample_plan(
-        key, source, target, epsilon=config.epsilon, scale_cost="mean", tau_a=config.tau_a, tau_b=config.tau_b,
+        key, source, target, epsilon=config.epsilon if epsilon is None else epsilon, scale_cost="mean", tau_a=config.tau_a, tau_b=config.tau_b,
         max_iterations=config.sinkhorn_iterations, with_status=with_status,
     )
 
@@ -242,7 +268,14 @@ def checked_plan(plan: jax.Array, tolerance: float | None = 0.5) -> jax.Array:
     return jnp.where(usable_plan(plan, tolerance), plan, jnp.full_like(plan, 1.0 / (n * m)))
 
 
-def interpolate(key: jax.Array, x0: jax.Array, x1: jax.Array, config: FlowMatchingConfig):
+def interpolate(
+    key: jax.Array,
+    x0: jax.Array,
+    x1: jax.Array,
+    config: FlowMatchingConfig,
+    sigma: float | jax.Array | None = None,
+    sigma_min: float | jax.Array | None = None,
+):
     """Times ``(B,)``, positions ``x_t`` ``(B, d)`` and target velocities ``(B, d)``.
 
     The target is ``x1 - x0`` on the ``"straight"`` and ``"brownian"`` paths.
@@ -266,17 +299,20 @@ def interpolate(key: jax.Array, x0: jax.Array, x1: jax.Array, config: FlowMatchi
     at ``t = 1``, where without it a field fitted to a few hundred treated cells pulls onto them
     and over-disperses.
     """
+    # the config decides which terms exist; the values (maybe traced) only scale them
+    sigma = config.sigma if sigma is None else sigma
+    sigma_min = config.sigma_min if sigma_min is None else sigma_min
     key_t, key_z = jax.random.split(key)
     t = jax.random.uniform(key_t, (x0.shape[0],))
     x_t = (1.0 - t[:, None]) * x0 + t[:, None] * x1
     u = x1 - x0
     if config.path == "smoothed":
         z = jax.random.normal(key_z, x0.shape)
-        x_t = x_t + (config.sigma_min + config.sigma * 2.0 * t * (1.0 - t))[:, None] * z
-        u = u + (config.sigma * 2.0 * (1.0 - 2.0 * t))[:, None] * z
+        x_t = x_t + (sigma_min + sigma * 2.0 * t * (1.0 - t))[:, None] * z
+        u = u + (sigma * 2.0 * (1.0 - 2.0 * t))[:, None] * z
     elif config.sigma > 0:
         scale = jnp.sqrt(t * (1.0 - t)) if config.path == "brownian" else jnp.ones_like(t)
-        x_t = x_t + config.sigma * scale[:, None] * jax.random.normal(key_z, x0.shape)
+        x_t = x_t + sigma * scale[:, None] * jax.random.normal(key_z, x0.shape)
     return t, x_t, u
 
 
@@ -287,7 +323,8 @@ def init_state(model: ResponseField, optimizer: optax.GradientTransformation, ke
 
 
 def flow_matching_loss(graphdef: Any, config: FlowMatchingConfig, prior: AffineResponse | None = None):
-    """``loss_fn(params, batch, key) -> (loss, terms)`` of flow matching on a batch of condition groups.
+    """``loss_fn(params, batch, key, scalars=None) -> (loss, terms)`` of flow matching on a batch
+    of condition groups.
 
     ``batch`` is a :class:`cellflow.data.sample_batches` batch: ``source`` and ``target``
     ``(G, B, d)``, ``condition`` (:class:`ConditionArrays` with a leading group axis) and
@@ -297,32 +334,41 @@ def flow_matching_loss(graphdef: Any, config: FlowMatchingConfig, prior: AffineR
     interaction field's mean square. ``terms`` holds ``flow``, ``interaction`` and
     ``coupling_fallback`` (the fraction of groups whose OT coupling failed).
 
+    ``scalars`` (:class:`FlowMatchingScalars`, maybe traced) replaces the config's continuous
+    values; the config still decides which terms exist (a zero ``sigma`` or
+    ``covariate_dropout`` in it leaves its term out of the program).
+
     With a ``prior`` (per-group affine displacements of a baseline), the flow starts from the
     baseline's prediction ``prior_g(x0)`` instead of the control cells ``x0`` and learns only
     what the baseline misses; the population encoder still sees the control cells.
     """
 
-    def loss_fn(params, batch, key):
+    def loss_fn(params, batch, key, scalars: FlowMatchingScalars | None = None):
+        scalars = FlowMatchingScalars.of(config) if scalars is None else scalars
+        covariate_dropout = scalars.covariate_dropout if config.covariate_dropout > 0 else 0.0
         model = nnx.merge(graphdef, params)
         groups = batch.source.shape[0]
         key_couple, key_path, key_model = jax.random.split(key, 3)
         start = batch.source if prior is None else jax.vmap(partial(push_group, prior))(batch.source, batch.group)
         # lax.map, not vmap: Sinkhorn's while loop would run every group to the slowest one.
         x0, x1, fell_back = jax.lax.map(
-            lambda args: couple(*args, config, with_status=True), (jax.random.split(key_couple, groups), start, batch.target)
+            lambda args: couple(*args, config, with_status=True, epsilon=scalars.epsilon),
+            (jax.random.split(key_couple, groups), start, batch.target),
         )
-        t, x_t, u = jax.vmap(interpolate, in_axes=(0, 0, 0, None))(jax.random.split(key_path, groups), x0, x1, config)
+        t, x_t, u = jax.vmap(interpolate, in_axes=(0, 0, 0, None, None, None))(
+            jax.random.split(key_path, groups), x0, x1, config, scalars.sigma, scalars.sigma_min
+        )
 
         def group_velocity(condition, source, t, x_t, key):
             key_encode, key_field = jax.random.split(key)
-            encoded = model.encode(condition, source, key_encode, config.covariate_dropout)
+            encoded = model.encode(condition, source, key_encode, covariate_dropout)
             return model.velocity_terms(t, x_t, encoded, key_field)
 
         members, interaction = jax.vmap(group_velocity)(batch.condition, batch.source, t, x_t, jax.random.split(key_model, groups))
         flow = jnp.mean(jnp.sum((members + interaction - u) ** 2, axis=-1))
         penalty = jnp.mean(jnp.sum(interaction**2, axis=-1))
         terms = {"flow": flow, "interaction": penalty, COUPLING_FALLBACK: jnp.mean(fell_back.astype(jnp.float32))}
-        return flow + config.interaction_penalty * penalty, terms
+        return flow + scalars.interaction_penalty * penalty, terms
 
     return loss_fn
 
@@ -358,7 +404,9 @@ def make_train_chunk(
     """A jitted ``state -> (state, {"loss": (chunk,), ...})`` running ``chunk`` flow-matching steps.
 
     Each step samples its batch from ``arrays`` and runs :func:`make_step`'s step; ``prior`` as
-    in :func:`flow_matching_loss`. With a ``mesh`` (:func:`cellflow.train.group_mesh`) each
+    in :func:`flow_matching_loss`. The config's continuous values (:class:`FlowMatchingScalars`)
+    and ``ema_decay`` are arguments of the compiled program, so fits that differ only in them
+    share it. With a ``mesh`` (:func:`cellflow.train.group_mesh`) each
     step's groups are split over its devices.
     """
     loss_fn = flow_matching_loss(graphdef, config, prior)
@@ -366,7 +414,9 @@ def make_train_chunk(
     def sample(arrays, key):
         return sample_batches(arrays, key, config.batch_size, config.conditions_per_step)
 
-    return scanned_training_chunk(loss_fn, sample, optimizer, config.ema_decay, chunk, arrays, mesh)
+    return scanned_training_chunk(
+        loss_fn, sample, optimizer, config.ema_decay, chunk, arrays, mesh, scalars=FlowMatchingScalars.of(config)
+    )
 
 
 #: diffrax solvers of :func:`push` and :func:`integrate` by name (``tsit5`` and ``dopri5`` adaptive).

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import diffrax
 import jax
@@ -40,7 +40,7 @@ from cellflow.data import ConditionArrays, TrainingArrays, sample_batches
 from cellflow.solvers.flow_matching import sample_plan
 from cellflow.train import COUPLING_FALLBACK, scanned_training_chunk
 
-__all__ = ["BridgeConfig", "bridge_sample", "couple", "make_train_chunk", "push", "simulate"]
+__all__ = ["BridgeConfig", "BridgeScalars", "bridge_sample", "couple", "make_train_chunk", "push", "simulate"]
 
 _COUPLINGS = ("entropic", "independent", "aligned")
 
@@ -99,16 +99,27 @@ class BridgeConfig:
             raise ValueError(f"sigma={self.sigma!r} must be > 0 for a Schrödinger bridge.")
 
 
+class BridgeScalars(NamedTuple):
+    """The continuous numbers of :class:`BridgeConfig` that :func:`make_train_chunk` passes to its
+    compiled program as arguments (fits that differ only in them share the program)."""
+
+    sigma: float | jax.Array
+    score_weight: float | jax.Array
+    covariate_dropout: float | jax.Array
+
+
 def couple(
     key: jax.Array, source: jax.Array, target: jax.Array, config: BridgeConfig, length: jax.Array | float = 1.0,
-    *, with_status: bool = False,
+    *, with_status: bool = False, sigma: float | jax.Array | None = None,
 ):
     """``(x0, x1)`` pairs ``(B, d)`` from the static bridge's coupling over an interval of ``length``
-    (with ``with_status``, also whether Sinkhorn failed: see :func:`~cellflow.solvers.flow_matching.sample_plan`)."""
+    (with ``with_status``, also whether Sinkhorn failed: see :func:`~cellflow.solvers.flow_matching.sample_plan`).
+    ``sigma`` (a number or a traced scalar) replaces ``config.sigma``."""
     if config.coupling in ("independent", "aligned"):
         return (source, target, jnp.asarray(False)) if with_status else (source, target)
+    sigma = config.sigma if sigma is None else sigma
     return sample_plan(
-        key, source, target, epsilon=2.0 * config.sigma**2 * length, scale_cost=1.0, tau_a=config.tau_a,
+        key, source, target, epsilon=2.0 * sigma**2 * length, scale_cost=1.0, tau_a=config.tau_a,
         tau_b=config.tau_b, max_iterations=config.sinkhorn_iterations, threshold=config.sinkhorn_threshold,
         with_status=with_status,
     )
@@ -201,25 +212,26 @@ def make_train_chunk(
         )
         return batch, population
 
-    def loss_fn(params, batch_and_population, key):
+    def loss_fn(params, batch_and_population, key, scalars: BridgeScalars):
         batch, population = batch_and_population
+        covariate_dropout = scalars.covariate_dropout if config.covariate_dropout > 0 else 0.0
         model = nnx.merge(graphdef, params)
         groups = batch.source.shape[0]
         key_couple, key_path, key_model = jax.random.split(key, 3)
         start, end = intervals[batch.group, 0], intervals[batch.group, 1]
         length = end - start
         x0, x1, fell_back = jax.lax.map(
-            lambda args: couple(args[0], args[1], args[2], config, args[3], with_status=True),
+            lambda args: couple(args[0], args[1], args[2], config, args[3], with_status=True, sigma=scalars.sigma),
             (jax.random.split(key_couple, groups), batch.source, batch.target, length),
         )
-        sigma_interval = config.sigma * jnp.sqrt(length)
+        sigma_interval = scalars.sigma * jnp.sqrt(length)
         t, x_t, velocity, noise, weight = jax.vmap(bridge_sample, in_axes=(0, 0, 0, 0, None))(
             jax.random.split(key_path, groups), x0, x1, sigma_interval, config.t_margin
         )
 
         def group_fields(condition, population, clock, x_t, key):
             key_encode, key_field = jax.random.split(key)
-            encoded = model.encode(condition, population, key_encode, config.covariate_dropout)
+            encoded = model.encode(condition, population, key_encode, covariate_dropout)
             return model(clock, x_t, encoded, key_field)
 
         clock = start[:, None] + t * length[:, None]
@@ -228,9 +240,10 @@ def make_train_chunk(
         flow = jnp.mean(jnp.sum((v * length[:, None, None] - velocity) ** 2, axis=-1))
         score = jnp.mean(jnp.sum((weight[..., None] * s * length[:, None, None] + noise) ** 2, axis=-1))
         terms = {"flow": flow, "score": score, COUPLING_FALLBACK: jnp.mean(fell_back.astype(jnp.float32))}
-        return flow + config.score_weight * score, terms
+        return flow + scalars.score_weight * score, terms
 
-    return scanned_training_chunk(loss_fn, sample, optimizer, config.ema_decay, chunk, (arrays, populations), mesh)
+    scalars = BridgeScalars(config.sigma, config.score_weight, config.covariate_dropout)
+    return scanned_training_chunk(loss_fn, sample, optimizer, config.ema_decay, chunk, (arrays, populations), mesh, scalars)
 
 
 def _sample_aligned(arrays: TrainingArrays, key: jax.Array, batch_size: int, n_groups: int):

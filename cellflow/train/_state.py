@@ -201,10 +201,11 @@ def step_keys(state: TrainState) -> tuple[jax.Array, jax.Array]:
 
 
 def training_step(
-    loss_fn: Callable[[Any, Any, jax.Array], tuple[jax.Array, Mapping[str, jax.Array]]],
+    loss_fn: Callable[..., tuple[jax.Array, Mapping[str, jax.Array]]],
     optimizer: optax.GradientTransformation,
-    ema_decay: float,
+    ema_decay: float | jax.Array,
     gradients: Callable | None = None,
+    scalars: Any = None,
 ) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]]:
     """A pure ``step(state, batch) -> (state, metrics)``: one optimiser step on a given batch.
 
@@ -213,13 +214,16 @@ def training_step(
     state with ``{"loss": loss, **terms}``. Jit it, scan it, or call it from your own loop with
     batches of your own (e.g. :func:`cellflow.data.sample_batches`);
     :func:`scanned_training_chunk` scans it over batches it samples itself. ``gradients``
-    replaces ``jax.value_and_grad(loss_fn, has_aux=True)`` (e.g. a ``shard_map`` of it).
+    replaces ``jax.value_and_grad(loss_fn, has_aux=True)`` (e.g. a ``shard_map`` of it). With
+    ``scalars`` (a PyTree of numbers or arrays) the loss is called as
+    ``loss_fn(params, batch, key, scalars)``.
     """
     gradients = gradients or jax.value_and_grad(loss_fn, has_aux=True)
+    extra = () if scalars is None else (scalars,)
 
     def step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, jax.Array]]:
         _, key_loss = step_keys(state)
-        (loss, terms), grads = gradients(state.params, batch, key_loss)
+        (loss, terms), grads = gradients(state.params, batch, key_loss, *extra)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = ema_update(state.ema, params, ema_decay, state.step)
@@ -229,13 +233,14 @@ def training_step(
 
 
 def scanned_training_chunk(
-    loss_fn: Callable[[Any, Any, jax.Array], tuple[jax.Array, Mapping[str, jax.Array]]],
+    loss_fn: Callable[..., tuple[jax.Array, Mapping[str, jax.Array]]],
     sample: Callable[[Any, jax.Array], Any],
     optimizer: optax.GradientTransformation,
     ema_decay: float,
     chunk: int,
     data: Any = None,
     mesh: Mesh | None = None,
+    scalars: Any = None,
 ) -> Callable[[TrainState], tuple[TrainState, dict[str, jax.Array]]]:
     """A jitted ``state -> (state, {"loss": (chunk,), ...})`` running ``chunk`` optimiser steps.
 
@@ -249,6 +254,12 @@ def scanned_training_chunk(
     compiled function, not a constant folded into it, so the compiled program holds no copy of
     the cells. ``sample`` and ``loss_fn`` must not close over large arrays.
 
+    ``ema_decay`` and ``scalars`` (a PyTree of numbers: a solver's continuous hyper-parameters,
+    handed to the loss as ``loss_fn(params, batch, key, scalars)``) are arguments of the compiled
+    function too, as float32 arrays: fits that differ only in their values share one program
+    (:func:`shared_jit`) instead of compiling their own. Whatever decides the program's structure
+    (shapes, which branches exist) must stay a Python value that ``loss_fn`` closes over.
+
     With a ``mesh`` (:func:`group_mesh`) the step is data parallel: every leaf of the batch has
     the condition groups on its leading axis, each device computes the loss and gradients of its
     share of the groups (with its own key, folded from the step's), and the means over devices
@@ -259,25 +270,29 @@ def scanned_training_chunk(
     value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
     gradients = None
     replicated = None if mesh is None else NamedSharding(mesh, PartitionSpec())
+    numbers = (jnp.asarray(ema_decay, jnp.float32), None if scalars is None else jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), scalars))
     if mesh is not None:
-        def local_gradients(params, batch, key):
+        def local_gradients(params, batch, key, *scalars):
             key = jax.random.fold_in(key, jax.lax.axis_index(GROUP_AXIS))
-            return jax.lax.pmean(value_and_grad(params, batch, key), GROUP_AXIS)
+            return jax.lax.pmean(value_and_grad(params, batch, key, *scalars), GROUP_AXIS)
 
+        extra_specs = () if scalars is None else (PartitionSpec(),)
         gradients = jax.shard_map(
-            local_gradients, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec(GROUP_AXIS), PartitionSpec()),
+            local_gradients, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec(GROUP_AXIS), PartitionSpec(), *extra_specs),
             out_specs=PartitionSpec(), check_vma=False,
         )
         data = jax.device_put(data, replicated)
+        numbers = jax.device_put(numbers, replicated)
 
-    update = training_step(loss_fn, optimizer, ema_decay, gradients)
+    def scan_steps(state: TrainState, data: Any, numbers: Any):
+        ema_decay, scalars = numbers
+        update = training_step(loss_fn, optimizer, ema_decay, gradients, scalars)
 
-    def step(data, state: TrainState):
-        key_batch, _ = step_keys(state)
-        return update(state, sample(data, key_batch))
+        def step(state: TrainState, _):
+            key_batch, _ = step_keys(state)
+            return update(state, sample(data, key_batch))
 
-    def scan_steps(state: TrainState, data: Any):
-        return jax.lax.scan(lambda state, _: step(data, state), state, None, length=chunk)
+        return jax.lax.scan(step, state, None, length=chunk)
 
     run = shared_jit(scan_steps, context=None if mesh is None else (tuple(d.id for d in mesh.devices.flat), mesh.axis_names))
 
@@ -286,6 +301,6 @@ def scanned_training_chunk(
             # the state comes back replicated over the mesh; placing the first one there too
             # gives every chunk the same input shardings, hence one compiled program
             state = jax.device_put(state, replicated)
-        return run(state, data)
+        return run(state, data, numbers)
 
     return train_chunk
