@@ -44,7 +44,10 @@ COUPLINGS = ("ot", "independent")
 
 @dataclass(frozen=True)
 class FlowMatchingConfig:
-    """Static hyper-parameters of the solver (hashable: part of the jit cache key).
+    """Hyper-parameters of the solver (hashable).
+
+    The continuous ones (:class:`FlowMatchingScalars` and ``ema_decay``) reach the training
+    program of :func:`make_train_chunk` as arguments; the others shape the program.
 
     Attributes
     ----------
@@ -278,6 +281,10 @@ def interpolate(
 ):
     """Times ``(B,)``, positions ``x_t`` ``(B, d)`` and target velocities ``(B, d)``.
 
+    ``sigma`` and ``sigma_min`` (numbers or traced scalars) replace the config's values; the
+    config decides which noise terms exist (none on a ``"straight"`` or ``"brownian"`` path whose
+    ``config.sigma`` is 0).
+
     The target is ``x1 - x0`` on the ``"straight"`` and ``"brownian"`` paths.
 
     With ``path="brownian"`` the positions are points of a Brownian bridge between the pair,
@@ -299,7 +306,6 @@ def interpolate(
     at ``t = 1``, where without it a field fitted to a few hundred treated cells pulls onto them
     and over-disperses.
     """
-    # the config decides which terms exist; the values (maybe traced) only scale them
     sigma = config.sigma if sigma is None else sigma
     sigma_min = config.sigma_min if sigma_min is None else sigma_min
     key_t, key_z = jax.random.split(key)
