@@ -113,15 +113,23 @@ def test_refitting_a_configuration_reuses_its_compiled_training_chunk(count_comp
     assert count_compilations["n"] == 2 * after_first + 1  # what the first fit compiled, again
 
 
-def test_a_sweep_over_the_bridge_noise_shares_its_training_program(count_compilations):
+@pytest.mark.parametrize("method, sweep", [
+    ("schrodinger_bridge", ({"sigma": 1.0}, {"sigma": 0.5}, {"score_weight": 0.5}, {"covariate_dropout": 0.3})),
+    ("neural_ot", ({}, {"epsilon": 0.2}, {"monge_gap": 0.5}, {"covariate_dropout": 0.3})),
+    ("diffusion", ({}, {"p_uncond": 0.3}, {"covariate_dropout": 0.3})),
+])
+def test_a_sweep_over_a_solver_number_shares_its_training_program(method, sweep, count_compilations):
     adata = shift_data(n=60)
+    adata.obs["batch"] = np.where(np.arange(adata.n_obs) % 2, "b1", "b2")  # for covariate_dropout to act on
+    small = {"width": 32, "token_dim": 8, "context_dim": 8, "conditions_per_step": 2, "chunk": 10}
     clear_compiled_programs()
     losses = []
-    for sigma in (1.0, 0.5):
-        model = cf.ResponseModel(adata, rep="X", method="schrodinger_bridge", sigma=sigma, **{**SMALL, "chunk": 10})
+    for options in sweep:
+        model = cf.ResponseModel(adata, rep="X", method=method, covariate_keys=("batch",), **small, **options)
         losses.append(model.fit(steps=10, batch_size=32, seed=0, progress=False).history_["loss"].to_numpy())
     assert count_compilations["programs"].count("jit_scan_steps") == 1
-    assert not np.allclose(losses[0], losses[1])
+    for options, loss in zip(sweep[1:], losses[1:]):
+        assert not np.array_equal(loss, losses[0]), options
 
 
 # -- the on-disk cache ---------------------------------------------------------------------------

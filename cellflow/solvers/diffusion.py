@@ -29,7 +29,7 @@ from control cells noised to an intermediate ``sigma_0``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import diffrax
 import jax
@@ -48,6 +48,7 @@ from cellflow.train import scanned_training_chunk, shared_jit
 __all__ = [
     "SAMPLERS",
     "DiffusionConfig",
+    "DiffusionScalars",
     "denoise",
     "generate",
     "init_state",
@@ -62,7 +63,8 @@ __all__ = [
 
 @dataclass(frozen=True)
 class DiffusionConfig:
-    """Static hyper-parameters of the solver (hashable: part of the jit cache key).
+    """Hyper-parameters of the solver (hashable; :class:`DiffusionScalars` and ``ema_decay`` reach
+    the training program as arguments, the others shape it).
 
     Attributes
     ----------
@@ -97,6 +99,22 @@ class DiffusionConfig:
     p_uncond: float = 0.1
     ema_decay: float = 0.999
     covariate_dropout: float = 0.1
+
+
+class DiffusionScalars(NamedTuple):
+    """The continuous training numbers of :class:`DiffusionConfig` that :func:`make_train_chunk`
+    passes to its compiled program as arguments (fits that differ only in them share the program;
+    ``sigma_data``, ``sigma_min`` and ``sigma_max`` also shape sampling and stay static)."""
+
+    p_mean: float | jax.Array
+    p_std: float | jax.Array
+    p_uncond: float | jax.Array
+    covariate_dropout: float | jax.Array
+
+    @classmethod
+    def of(cls, config: DiffusionConfig) -> DiffusionScalars:
+        """The config's values."""
+        return cls(config.p_mean, config.p_std, config.p_uncond, config.covariate_dropout)
 
 
 def preconditioning(sigma: jax.Array, sigma_data: float) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -134,10 +152,15 @@ def denoise(
     return c_skip[:, None] * x + c_out[:, None] * out
 
 
-def loss_terms(model: Denoiser, y: jax.Array, encoded: Any, key: jax.Array, config: DiffusionConfig) -> jax.Array:
-    """EDM-weighted denoising loss ``(B,)`` of clean cells ``y`` ``(B, d)`` (mean over features)."""
+def loss_terms(
+    model: Denoiser, y: jax.Array, encoded: Any, key: jax.Array, config: DiffusionConfig, scalars: DiffusionScalars | None = None
+) -> jax.Array:
+    """EDM-weighted denoising loss ``(B,)`` of clean cells ``y`` ``(B, d)`` (mean over features).
+
+    ``scalars`` replaces the config's ``p_mean`` and ``p_std`` (maybe traced)."""
+    scalars = DiffusionScalars.of(config) if scalars is None else scalars
     key_sigma, key_noise, key_field = jax.random.split(key, 3)
-    sigma = jnp.exp(config.p_mean + config.p_std * jax.random.normal(key_sigma, y.shape[:1]))
+    sigma = jnp.exp(scalars.p_mean + scalars.p_std * jax.random.normal(key_sigma, y.shape[:1]))
     x = y + sigma[:, None] * jax.random.normal(key_noise, y.shape)
     c_skip, c_out, c_in = preconditioning(sigma, config.sigma_data)
     out = model(noise_time(sigma, config), c_in[:, None] * x, encoded, key_field)
@@ -163,17 +186,18 @@ def make_train_chunk(
     step's groups are split over its devices.
     """
 
-    def loss_fn(params, batch, key):
+    def loss_fn(params, batch, key, scalars: DiffusionScalars):
         model = nnx.merge(graphdef, params)
         groups = batch.source.shape[0]
+        covariate_dropout = scalars.covariate_dropout if config.covariate_dropout > 0 else 0.0
 
         def group_loss(condition: ConditionArrays, source, target, key):
             key_uncond, key_encode, key_loss = jax.random.split(key, 3)
-            uncond = jax.random.bernoulli(key_uncond, config.p_uncond)
+            uncond = jax.random.bernoulli(key_uncond, scalars.p_uncond)
             y = jnp.where(uncond, source, target)
             condition = condition._replace(mask=condition.mask & ~uncond)
-            encoded = model.encode(condition, source, key_encode, config.covariate_dropout)
-            return jnp.mean(loss_terms(model, y, encoded, key_loss, config))
+            encoded = model.encode(condition, source, key_encode, covariate_dropout)
+            return jnp.mean(loss_terms(model, y, encoded, key_loss, config, scalars))
 
         losses = jax.vmap(group_loss)(batch.condition, batch.source, batch.target, jax.random.split(key, groups))
         return jnp.mean(losses), {}
@@ -181,7 +205,7 @@ def make_train_chunk(
     def sample(arrays, key):
         return sample_batches(arrays, key, config.batch_size, config.conditions_per_step)
 
-    return scanned_training_chunk(loss_fn, sample, optimizer, config.ema_decay, chunk, arrays, mesh)
+    return scanned_training_chunk(loss_fn, sample, optimizer, config.ema_decay, chunk, arrays, mesh, DiffusionScalars.of(config))
 
 
 class _NoiseGrid(diffrax.StepTo):

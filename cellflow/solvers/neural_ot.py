@@ -61,6 +61,7 @@ __all__ = [
     "MAP_FITS",
     "DualConfig",
     "DualData",
+    "MapScalars",
     "MongeMapConfig",
     "dual_potentials",
     "init_dual_state",
@@ -83,7 +84,8 @@ MAP_FITS = ("sinkhorn_divergence", "barycentric")
 
 @dataclass(frozen=True)
 class MongeMapConfig:
-    """Static hyper-parameters of the conditional map (hashable: part of the jit cache key).
+    """Hyper-parameters of the conditional map (hashable; :class:`MapScalars` and ``ema_decay``
+    reach the training program as arguments, the others shape it).
 
     Attributes
     ----------
@@ -127,6 +129,20 @@ class MongeMapConfig:
             )
 
 
+class MapScalars(NamedTuple):
+    """The continuous numbers of :class:`MongeMapConfig` that :func:`make_map_train_chunk` passes to
+    its compiled program as arguments (fits that differ only in them share the program)."""
+
+    epsilon: float | jax.Array
+    monge_gap: float | jax.Array
+    covariate_dropout: float | jax.Array
+
+    @classmethod
+    def of(cls, config: MongeMapConfig) -> MapScalars:
+        """The config's values."""
+        return cls(config.epsilon, config.monge_gap, config.covariate_dropout)
+
+
 def map_cells(model: ResponseField, x: jax.Array, encoded, key: jax.Array | None = None) -> jax.Array:
     """``T(x | c) = x + D(x | c)`` for cells ``x`` ``(B, d)`` and an encoded condition."""
     return x + model(jnp.zeros(()), x, encoded, key)
@@ -139,6 +155,7 @@ def map_losses(
     condition: ConditionArrays,
     key: jax.Array,
     config: MongeMapConfig,
+    scalars: MapScalars | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Per-condition fitting loss and Monge gap of the map on a stack of batches.
 
@@ -154,6 +171,10 @@ def map_losses(
         Training randomness (covariate dropout, dropout).
     config
         Hyper-parameters.
+    scalars
+        Replace the config's continuous values (maybe traced); the config still decides which
+        terms exist (no Monge gap when ``config.monge_gap`` is 0, no covariate dropout when
+        ``config.covariate_dropout`` is).
 
     Returns
     -------
@@ -166,16 +187,19 @@ def map_losses(
     ``reg_ot_cost``, carry no entropy offset (so an exact map has a gap near 0).
     """
 
+    scalars = MapScalars.of(config) if scalars is None else scalars
+    covariate_dropout = scalars.covariate_dropout if config.covariate_dropout > 0 else 0.0
+
     def map_one(condition, source, key):
         key_encode, key_field = jax.random.split(key)
-        encoded = model.encode(condition, source, key_encode, config.covariate_dropout)
+        encoded = model.encode(condition, source, key_encode, covariate_dropout)
         return map_cells(model, source, encoded, key_field)
 
     mapped = jax.vmap(map_one)(condition, source, jax.random.split(key, source.shape[0]))
     # Every entropic OT term is solved on frozen points and enters the loss as <P, C>, so no
     # gradient flows through Sinkhorn. lax.map, not vmap: each solve stops at its own
     # convergence, and the network above stays batched over conditions.
-    plans = jax.lax.map(lambda args: _frozen_plans(*args, config), (source, mapped, target))
+    plans = jax.lax.map(lambda args: _frozen_plans(*args, config, scalars.epsilon), (source, mapped, target))
     fit = jax.vmap(partial(_fit_cost, config.fit))(plans, mapped, target)
     if config.monge_gap == 0:
         return fit, jnp.zeros_like(fit)
@@ -189,7 +213,9 @@ def _halves(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return x[:half], x[half : 2 * half]
 
 
-def _frozen_plans(source: jax.Array, mapped: jax.Array, target: jax.Array, config: MongeMapConfig) -> dict[str, jax.Array]:
+def _frozen_plans(
+    source: jax.Array, mapped: jax.Array, target: jax.Array, config: MongeMapConfig, epsilon: float | jax.Array | None = None
+) -> dict[str, jax.Array]:
     """Entropic plans of the fitting loss's OT problems and (for the Monge gap) of OT(x, T x).
 
     ``fit="sinkhorn_divergence"``: each half of the mapped batch against its half of the target
@@ -206,7 +232,7 @@ def _frozen_plans(source: jax.Array, mapped: jax.Array, target: jax.Array, confi
     # epsilon is relative to the spread of the source batch (its mean squared pairwise distance),
     # not to the mean cost of each pair of clouds: that cost grows with the displacement, and a
     # blur that grows with it biases the Monge gap towards maps that move less.
-    epsilon = config.epsilon * 2.0 * jnp.sum(jnp.var(jax.lax.stop_gradient(source), axis=0))
+    epsilon = (config.epsilon if epsilon is None else epsilon) * 2.0 * jnp.sum(jnp.var(jax.lax.stop_gradient(source), axis=0))
     if config.fit == "barycentric":
         plans = {"xy": _solve(source, target, epsilon)}
     else:
@@ -254,16 +280,16 @@ def make_map_train_chunk(
     With a ``mesh`` (:func:`cellflow.train.group_mesh`) each step's groups are split over its devices.
     """
 
-    def loss_fn(params, batch, key):
+    def loss_fn(params, batch, key, scalars: MapScalars):
         model = nnx.merge(graphdef, params)
-        fit, gap = map_losses(model, batch.source, batch.target, batch.condition, key, config)
+        fit, gap = map_losses(model, batch.source, batch.target, batch.condition, key, config, scalars)
         fit, gap = fit.mean(), gap.mean()
-        return fit + config.monge_gap * gap, {"fit": fit, "monge_gap": gap}
+        return fit + scalars.monge_gap * gap, {"fit": fit, "monge_gap": gap}
 
     def sample(arrays, key):
         return sample_batches(arrays, key, config.batch_size, config.conditions_per_step)
 
-    return scanned_training_chunk(loss_fn, sample, optimizer, config.ema_decay, chunk, arrays, mesh)
+    return scanned_training_chunk(loss_fn, sample, optimizer, config.ema_decay, chunk, arrays, mesh, MapScalars.of(config))
 
 
 @jax.jit
@@ -424,6 +450,10 @@ def init_duals(
         Per condition, ``(n_c, d)`` control cells and ``(m_c, d)`` treated cells.
     config
         Hyper-parameters.
+    scalars
+        Replace the config's continuous values (maybe traced); the config still decides which
+        terms exist (no Monge gap when ``config.monge_gap`` is 0, no covariate dropout when
+        ``config.covariate_dropout`` is).
 
     Returns
     -------

@@ -47,7 +47,8 @@ _COUPLINGS = ("entropic", "independent", "aligned")
 
 @dataclass(frozen=True)
 class BridgeConfig:
-    """Static hyper-parameters of the solver (hashable: part of the jit cache key).
+    """Hyper-parameters of the solver (hashable; :class:`BridgeScalars` and ``ema_decay`` reach
+    the training program as arguments, the others shape it).
 
     Attributes
     ----------
