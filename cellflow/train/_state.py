@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any, NamedTuple
 
 import jax
@@ -270,7 +271,8 @@ def scanned_training_chunk(
     value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
     gradients = None
     replicated = None if mesh is None else NamedSharding(mesh, PartitionSpec())
-    numbers = (jnp.asarray(ema_decay, jnp.float32), None if scalars is None else jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), scalars))
+    as_argument = partial(jnp.asarray, dtype=jnp.float32)
+    numbers = (as_argument(ema_decay), None if scalars is None else jax.tree.map(as_argument, scalars))
     if mesh is not None:
         def local_gradients(params, batch, key, *scalars):
             key = jax.random.fold_in(key, jax.lax.axis_index(GROUP_AXIS))
