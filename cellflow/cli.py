@@ -188,29 +188,27 @@ def _predicted_groups_of(truth: ad.AnnData, pred: ad.AnnData, groupby: Sequence[
     import numpy as np
 
     from cellflow._errors import CellflowValueError, format_choices
-    from cellflow.metrics._distribution import _as_columns, _check_obs_columns, _comparable, _group_indices
+    from cellflow.metrics._distribution import (
+        _absent_groups_message, _as_columns, _check_obs_columns, _group_label, _match_groups,
+    )
 
     columns = _as_columns(groupby, "groupby")
     _check_obs_columns(pred, columns, "groupby", "pred")
     _check_obs_columns(truth, columns, "groupby", "truth")
-    predicted = _group_indices(pred.obs, columns)
-    comparable = {_comparable(k) for k in predicted}
-    groups = _group_indices(truth.obs, columns)
-    kept = [k for k in groups if _comparable(k) in comparable]
-    left_out = [k[0] if len(k) == 1 else k for k in groups if _comparable(k) not in comparable]
-    if not left_out:
+    groups = _match_groups(pred.obs, truth.obs, columns)
+    if not groups.absent:
         return truth
     if not only_predicted:
-        shown = [k[0] if len(k) == 1 else k for k in predicted]
         raise CellflowValueError(
-            f"groups {format_choices(left_out, limit=10)} of truth (--groupby={columns!r}) have no cells in pred, whose "
-            f"groups are {format_choices(shown, limit=10)}. Pass --only-predicted to score only the groups PRED holds."
+            f"{_absent_groups_message(groups, columns)} Pass --only-predicted to score only the groups PRED holds."
         )
+    kept = [k for k in groups.truth if k not in groups.absent]
     if not kept:
         raise CellflowValueError(f"no group of truth (--groupby={columns!r}) has predicted cells in pred.")
+    left_out = [_group_label(k) for k in groups.absent]
     print(f"cellflow evaluate: scoring {len(kept)} group(s); left out, not predicted: {format_choices(left_out, limit=10)}",
           file=sys.stderr)
-    rows = np.sort(np.concatenate([groups[k] for k in kept]))
+    rows = np.sort(np.concatenate([groups.truth[k] for k in kept]))
     return truth[rows].copy()
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import anndata as ad
 import jax
@@ -636,6 +636,43 @@ def _group_indices(obs: pd.DataFrame, columns: list[str]) -> dict[tuple[Hashable
     return {(k if isinstance(k, tuple) else (k,)): np.asarray(v) for k, v in grouped.items()}
 
 
+class _GroupMatch(NamedTuple):
+    """Truth's groups matched to pred's (see :func:`_match_groups`)."""
+
+    truth: dict[tuple, np.ndarray]  # truth's rows per group key
+    pred: dict[tuple, np.ndarray]  # pred's rows per comparable key (:func:`_comparable`)
+    pred_keys: list[tuple]  # pred's group keys as written
+    absent: list[tuple]  # truth's group keys that pred lacks
+
+
+def _match_groups(pred_obs: pd.DataFrame, truth_obs: pd.DataFrame, columns: list[str]) -> _GroupMatch:
+    """Group both tables by ``columns`` and find truth's groups without predicted cells.
+
+    A dose written 100.0 in one table and '100.0' in the other is one group.
+    """
+    truth_groups = _group_indices(truth_obs, columns)
+    pred_by_label = _group_indices(pred_obs, columns)
+    pred_groups: dict[tuple, np.ndarray] = {}
+    for k, v in pred_by_label.items():
+        pred_groups[_comparable(k)] = np.concatenate([pred_groups.get(_comparable(k), np.empty(0, int)), v])
+    absent = [k for k in truth_groups if _comparable(k) not in pred_groups]
+    return _GroupMatch(truth_groups, pred_groups, list(pred_by_label), absent)
+
+
+def _group_label(key: tuple) -> Any:
+    """A group key as messages show it: the bare value of a one-column key."""
+    return key[0] if len(key) == 1 else key
+
+
+def _absent_groups_message(groups: _GroupMatch, columns: list[str]) -> str:
+    shown = [_group_label(k) for k in groups.absent]
+    present = [_group_label(k) for k in groups.pred_keys]
+    return (
+        f"groups {format_choices(shown, limit=10)} of truth (groupby={columns!r}) have no cells in pred, whose "
+        f"groups are {format_choices(present, limit=10)}."
+    )
+
+
 def _comparable(key: tuple) -> tuple:
     """A group key whose numbers compare as numbers, however they were written (``100``, ``"100.0"``)."""
 
@@ -802,20 +839,10 @@ def evaluate(
     named = var_order is not None and pred.var_names.isin(truth.var_names).any()
     cols = _resolve_features(features, pred if named else truth, y_all.shape[1], rep)
 
-    truth_groups = _group_indices(truth.obs, group_cols)
-    # a dose written 100.0 in one table and '100.0' in the other is one group
-    pred_by_label = _group_indices(pred.obs, group_cols)
-    pred_groups: dict[tuple, np.ndarray] = {}
-    for k, v in pred_by_label.items():
-        pred_groups[_comparable(k)] = np.concatenate([pred_groups.get(_comparable(k), np.empty(0, int)), v])
-    absent = [k for k in truth_groups if _comparable(k) not in pred_groups]
-    if absent:
-        shown = [k[0] if len(k) == 1 else k for k in absent]
-        present = [k[0] if len(k) == 1 else k for k in pred_by_label]
-        raise CellflowValueError(
-            f"groups {format_choices(shown, limit=10)} of truth (groupby={group_cols!r}) have no cells in pred, whose "
-            f"groups are {format_choices(present, limit=10)}."
-        )
+    groups = _match_groups(pred.obs, truth.obs, group_cols)
+    if groups.absent:
+        raise CellflowValueError(_absent_groups_message(groups, group_cols))
+    truth_groups, pred_groups = groups.truth, groups.pred
 
     fallback: list[Any] = []
     unconverged: list[Any] = []
@@ -839,7 +866,7 @@ def evaluate(
                     )
                 ctrl_mask &= (control.obs[col] == values[0]).to_numpy(dtype=bool, na_value=False)
             if match_cols and not ctrl_mask.any():
-                fallback.append(key[0] if len(key) == 1 else key)
+                fallback.append(_group_label(key))
                 ctrl_mask[:] = True
             ctrl = c_all[ctrl_mask]
             row["n_control"] = int(ctrl_mask.sum())
@@ -852,7 +879,7 @@ def evaluate(
                 # not through _METRIC_FUNCS: its non-convergence is gathered into one warning below
                 row[name], converged = _sinkhorn_divergence_checked(x_sub, y_sub)
                 if not converged:
-                    unconverged.append(key[0] if len(key) == 1 else key)
+                    unconverged.append(_group_label(key))
             else:
                 row[name] = _METRIC_FUNCS[name](x, y, x_sub, y_sub, ctrl, cols)
         rows.append(row)
