@@ -54,10 +54,6 @@ def main() -> None:
         }
         obs = split.test.obs
         source = split.test[((obs["condition"].astype(str) == "control") & (obs["patient"].astype(str) == args.patient)).to_numpy()]
-        additive = cf.datasets.SyntheticTruth(
-            truth.n_features, truth.n_states, truth.n_patients, truth.n_drugs, synergy_pairs=[], noise_std=truth.noise_std,
-            seed=truth.seed,
-        )
         drugs = list(truth.drugs)
         pairs = [f"{a}+{b}" for i, a in enumerate(drugs) for b in drugs[i + 1 :]]
         rows = []
@@ -69,7 +65,7 @@ def main() -> None:
             kind = "single" if members == 1 else ("held-out pair" if condition in held else "seen pair")
             row = {"condition": condition, "kind": kind, "noise_floor": cf.metrics.energy_distance(fresh, reference)}
             if members > 1:
-                guess = additive.sample(condition, source.n_obs, args.patient, dose=dose, seed=seed + 10_000)
+                guess = truth.sample(condition, source.n_obs, args.patient, dose=dose, seed=seed + 10_000, synergy=False)
                 row["additive_oracle"] = cf.metrics.energy_distance(guess, reference)
             for method, model in models.items():
                 pred = model.predict(source, condition, dose=dose, covariates={"patient": args.patient}, seed=seed).X

@@ -118,10 +118,6 @@ def run_demo(
     keys = test.obs[["condition", "dose", "patient"]].astype(str)
     rows = []
     models = {}
-    additive = datasets.SyntheticTruth(
-        truth.n_features, truth.n_states, truth.n_patients, truth.n_drugs, synergy_pairs=[],
-        noise_std=truth.noise_std, seed=truth.seed,
-    )
     for method in methods:
         start = time.perf_counter()
         models[method] = ResponseModel(
@@ -144,7 +140,7 @@ def run_demo(
         row = {"task": task_name, "condition": condition, "dose": dose, "patient": pat}
         row["noise_floor"] = metrics.energy_distance(fresh, observed)
         if condition in held_combos:
-            guess = additive.sample(condition, source.n_obs, pat, dose=dose, seed=seed + 10_000)
+            guess = truth.sample(condition, source.n_obs, pat, dose=dose, seed=seed + 10_000, synergy=False)
             row["additive_oracle"] = metrics.energy_distance(guess, observed)
         for method, model in models.items():
             pred = model.predict(source, condition, dose=dose, covariates={"patient": pat}, seed=seed).X

@@ -471,6 +471,7 @@ class SyntheticTruth:
         seed: int = 0,
         *,
         noise: bool = True,
+        synergy: bool = True,
     ) -> np.ndarray:
         """Push source cells through the true response of ``perturbation`` at ``dose``.
 
@@ -490,6 +491,9 @@ class SyntheticTruth:
             Seed of the treatment noise.
         noise
             ``False`` returns the noise-free ``x + delta(x)``.
+        synergy
+            ``False`` drops the interaction terms of synergistic pairs: the purely additive
+            response, what a perfect prediction from the members of a combination gives.
 
         Returns
         -------
@@ -509,7 +513,7 @@ class SyntheticTruth:
         seed = _check_seed(seed)
         if not self.parse(perturbation, dose):
             return x.astype(np.float32)
-        out = x + self.displacement(x, perturbation, dose)
+        out = x + self.displacement(x, perturbation, dose, synergy=synergy)
         if noise and self.noise_std > 0:
             out += _rng(seed, "treatment_noise").normal(0.0, self.noise_std, size=out.shape)
         return out.astype(np.float32)
@@ -557,10 +561,12 @@ class SyntheticTruth:
         seed: int = 0,
         *,
         return_state: bool = False,
+        synergy: bool = True,
     ):
         """Fresh control cells of ``patient`` pushed through ``perturbation`` at ``dose`` (with noise).
 
-        Same distribution as the AnnData's cells of that condition, dose and patient.
+        Same distribution as the AnnData's cells of that condition, dose and patient; with
+        ``synergy=False`` the same cells without the interaction terms (see :meth:`__call__`).
 
         Returns
         -------
@@ -571,7 +577,7 @@ class SyntheticTruth:
         seed = _check_seed(seed)
         self.parse(perturbation, dose)  # validate before drawing
         x, states = self._draw_control(n, patient, _rng(seed, "control", patient))
-        out = self(x, perturbation, dose, seed=seed)
+        out = self(x, perturbation, dose, seed=seed, synergy=synergy)
         return (out, states) if return_state else out
 
 

@@ -177,6 +177,19 @@ def test_held_out_synergy_vs_additive():
     assert np.linalg.norm(noisy.mean(0) - additive.mean(0)) < 0.1
 
 
+def test_samples_without_synergy_are_the_additive_truth():
+    _, truth = synthetic(n_features=6, n_patients=2, n_drugs=3, synergy_pairs=[("A", "B")], n_control=10, n_cells=5, seed=4)
+    # the same generator without synergy pairs (its other parameters come from their own streams)
+    additive = SyntheticTruth(truth.n_features, truth.n_states, truth.n_patients, truth.n_drugs, synergy_pairs=[],
+                              noise_std=truth.noise_std, seed=truth.seed)
+    for condition in ("A+B", "A+C", "B"):
+        np.testing.assert_array_equal(truth.sample(condition, 40, "P2", seed=9, synergy=False),
+                                      additive.sample(condition, 40, "P2", seed=9))
+    x = truth.sample_control(40, "P1", seed=1)
+    np.testing.assert_array_equal(truth(x, "A+B", seed=2, synergy=False), additive(x, "A+B", seed=2))
+    assert not np.allclose(truth.sample("A+B", 40, "P2", seed=9), additive.sample("A+B", 40, "P2", seed=9))
+
+
 def test_dose_response_monotone(small_data):
     _, truth = small_data
     x = truth.sample_control(1000, "P1", seed=2)
