@@ -189,14 +189,13 @@ def make_train_chunk(
     def loss_fn(params, batch, key, scalars: DiffusionScalars):
         model = nnx.merge(graphdef, params)
         groups = batch.source.shape[0]
-        covariate_dropout = scalars.covariate_dropout if config.covariate_dropout > 0 else 0.0
 
         def group_loss(condition: ConditionArrays, source, target, key):
             key_uncond, key_encode, key_loss = jax.random.split(key, 3)
             uncond = jax.random.bernoulli(key_uncond, scalars.p_uncond)
             y = jnp.where(uncond, source, target)
             condition = condition._replace(mask=condition.mask & ~uncond)
-            encoded = model.encode(condition, source, key_encode, covariate_dropout)
+            encoded = model.encode(condition, source, key_encode, scalars.covariate_dropout)
             return jnp.mean(loss_terms(model, y, encoded, key_loss, config, scalars))
 
         losses = jax.vmap(group_loss)(batch.condition, batch.source, batch.target, jax.random.split(key, groups))

@@ -341,8 +341,8 @@ def flow_matching_loss(graphdef: Any, config: FlowMatchingConfig, prior: AffineR
     ``coupling_fallback`` (the fraction of groups whose OT coupling failed).
 
     ``scalars`` (:class:`FlowMatchingScalars`, maybe traced) replaces the config's continuous
-    values; the config still decides which terms exist (a zero ``sigma`` or
-    ``covariate_dropout`` in it leaves its term out of the program).
+    values; the config still decides which terms exist (a zero ``sigma`` in it leaves the path
+    noise out of the program).
 
     With a ``prior`` (per-group affine displacements of a baseline), the flow starts from the
     baseline's prediction ``prior_g(x0)`` instead of the control cells ``x0`` and learns only
@@ -351,7 +351,6 @@ def flow_matching_loss(graphdef: Any, config: FlowMatchingConfig, prior: AffineR
 
     def loss_fn(params, batch, key, scalars: FlowMatchingScalars | None = None):
         scalars = FlowMatchingScalars.of(config) if scalars is None else scalars
-        covariate_dropout = scalars.covariate_dropout if config.covariate_dropout > 0 else 0.0
         model = nnx.merge(graphdef, params)
         groups = batch.source.shape[0]
         key_couple, key_path, key_model = jax.random.split(key, 3)
@@ -367,7 +366,7 @@ def flow_matching_loss(graphdef: Any, config: FlowMatchingConfig, prior: AffineR
 
         def group_velocity(condition, source, t, x_t, key):
             key_encode, key_field = jax.random.split(key)
-            encoded = model.encode(condition, source, key_encode, covariate_dropout)
+            encoded = model.encode(condition, source, key_encode, scalars.covariate_dropout)
             return model.velocity_terms(t, x_t, encoded, key_field)
 
         members, interaction = jax.vmap(group_velocity)(batch.condition, batch.source, t, x_t, jax.random.split(key_model, groups))

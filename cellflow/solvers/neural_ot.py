@@ -173,8 +173,7 @@ def map_losses(
         Hyper-parameters.
     scalars
         Replace the config's continuous values (maybe traced); the config still decides which
-        terms exist (no Monge gap when ``config.monge_gap`` is 0, no covariate dropout when
-        ``config.covariate_dropout`` is).
+        terms exist (no Monge gap when ``config.monge_gap`` is 0).
 
     Returns
     -------
@@ -188,11 +187,10 @@ def map_losses(
     """
 
     scalars = MapScalars.of(config) if scalars is None else scalars
-    covariate_dropout = scalars.covariate_dropout if config.covariate_dropout > 0 else 0.0
 
     def map_one(condition, source, key):
         key_encode, key_field = jax.random.split(key)
-        encoded = model.encode(condition, source, key_encode, covariate_dropout)
+        encoded = model.encode(condition, source, key_encode, scalars.covariate_dropout)
         return map_cells(model, source, encoded, key_field)
 
     mapped = jax.vmap(map_one)(condition, source, jax.random.split(key, source.shape[0]))
@@ -450,10 +448,6 @@ def init_duals(
         Per condition, ``(n_c, d)`` control cells and ``(m_c, d)`` treated cells.
     config
         Hyper-parameters.
-    scalars
-        Replace the config's continuous values (maybe traced); the config still decides which
-        terms exist (no Monge gap when ``config.monge_gap`` is 0, no covariate dropout when
-        ``config.covariate_dropout`` is).
 
     Returns
     -------

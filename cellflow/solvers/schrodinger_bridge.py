@@ -215,7 +215,6 @@ def make_train_chunk(
 
     def loss_fn(params, batch_and_population, key, scalars: BridgeScalars):
         batch, population = batch_and_population
-        covariate_dropout = scalars.covariate_dropout if config.covariate_dropout > 0 else 0.0
         model = nnx.merge(graphdef, params)
         groups = batch.source.shape[0]
         key_couple, key_path, key_model = jax.random.split(key, 3)
@@ -232,7 +231,7 @@ def make_train_chunk(
 
         def group_fields(condition, population, clock, x_t, key):
             key_encode, key_field = jax.random.split(key)
-            encoded = model.encode(condition, population, key_encode, covariate_dropout)
+            encoded = model.encode(condition, population, key_encode, scalars.covariate_dropout)
             return model(clock, x_t, encoded, key_field)
 
         clock = start[:, None] + t * length[:, None]
