@@ -420,9 +420,9 @@ class ResponseModel:
         Returns
         -------
         AnnData with one predicted cell per source cell per condition (and per time), holding
-        the prediction in the model's ``rep`` (``X``, the layer, or ``obsm``; with ``obsm``,
-        ``X`` is an empty ``(n, 0)`` matrix, so that :func:`anndata.concat` with observed cells
-        keeps the embedding), ``obs`` copied from the source with ``obs[perturbation_key]``
+        the prediction in the model's ``rep`` (``X``, the layer, or ``obsm``; with a layer, ``X``
+        holds a copy of it; with ``obsm``, ``X`` is an empty ``(n, 0)`` matrix; either way
+        :func:`anndata.concat` with observed cells keeps the prediction), ``obs`` copied from the source with ``obs[perturbation_key]``
         (and ``obs[dose_key]`` written as the training data wrote doses, ``obs[time_key]``, the
         ``covariates``) set, and ``uns["cellflow"]`` recording the method, the ``rep`` and the
         ``obs`` columns that tell the predicted conditions apart (``"groupby"``, what
@@ -610,7 +610,10 @@ class ResponseModel:
         if rep == "X":
             out = ad.AnnData(X=prediction, obs=obs, var=self._var())
         elif self.spec_.feature_names is not None:  # a layer
-            out = ad.AnnData(obs=obs, var=self._var(), layers={rep: prediction})
+            # X as well (as cellflow.pp.decode_adata writes a decoded layer): anndata.concat with
+            # observed cells needs X on both sides, and scanpy's plots read X; a copy, so that
+            # editing X does not silently edit the layer
+            out = ad.AnnData(X=prediction.copy(), obs=obs, var=self._var(), layers={rep: prediction})
         else:
             # an empty X (not None), as the loaders give embeddings, so anndata.concat with observed cells works
             out = ad.AnnData(X=np.zeros((len(obs), 0), dtype=np.float32), obs=obs, obsm={rep: prediction})

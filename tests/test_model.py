@@ -60,6 +60,17 @@ def test_prediction_anndata_layout(toy):
     assert both.obsm["X_pca"].shape == (3 * source.n_obs, 3)
 
 
+def test_layer_prediction_concatenates_with_observed_cells(toy):
+    model = cf.ResponseModel(toy, rep="counts", dose_key="dose", covariate_keys=("patient",), method="mean_shift").fit()
+    source = toy[(toy.obs.condition == "control") & (toy.obs.patient == "P1")]
+    pred = model.predict(source, "A", dose=10.0)
+    np.testing.assert_array_equal(pred.X, pred.layers["counts"])
+    assert not np.shares_memory(pred.X, pred.layers["counts"])
+    both = ad.concat([source, pred], label="origin", keys=["observed", "predicted"])
+    np.testing.assert_array_equal(both.layers["counts"][source.n_obs:], pred.layers["counts"])
+    np.testing.assert_array_equal(both.layers["counts"][: source.n_obs], source.layers["counts"])
+
+
 def test_covariates_from_source_obs_per_cell(toy):
     model = cf.ResponseModel(toy, rep="X", dose_key="dose", covariate_keys=("patient",), method="mean_shift").fit()
     source = toy[toy.obs.condition == "control"]
