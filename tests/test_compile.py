@@ -113,6 +113,26 @@ def test_refitting_a_configuration_reuses_its_compiled_training_chunk(count_comp
     assert count_compilations["n"] == 2 * after_first + 1  # what the first fit compiled, again
 
 
+def test_data_sets_of_nearby_sizes_share_the_training_program(count_compilations, monkeypatch):
+    # 3 x 200 and 3 x 210 cells (targets 400 and 420, controls 200 and 210) pad to the same lengths
+    options = {**SMALL, "chunk": 10}
+
+    def fit(adata):
+        model = cf.ResponseModel(adata, rep="X", method="flow_matching", **options)
+        source = adata[adata.obs.condition == "control"][:50]
+        return model.fit(steps=10, batch_size=32, seed=0, progress=False).predict(source, "A").X
+
+    clear_compiled_programs()
+    fit(shift_data(n=200))
+    fit(shift_data(n=210, seed=1))
+    assert count_compilations["programs"].count("jit_scan_steps") == 1
+    # padding changes nothing the sampler draws: the same fit without it predicts the same cells
+    padded = fit(shift_data(n=210, seed=1))
+    monkeypatch.setattr("cellflow.data._sampler.padded_length", lambda n: n)
+    np.testing.assert_array_equal(fit(shift_data(n=210, seed=1)), padded)
+    assert count_compilations["programs"].count("jit_scan_steps") == 2
+
+
 @pytest.mark.parametrize("method, sweep", [
     ("schrodinger_bridge", ({"sigma": 1.0}, {"sigma": 0.5}, {"score_weight": 0.5}, {"covariate_dropout": 0.3})),
     ("neural_ot", ({}, {"epsilon": 0.2}, {"monge_gap": 0.5}, {"covariate_dropout": 0.3})),
