@@ -339,19 +339,17 @@ class ResponseModel:
         # 1 and 1.0 (an integer column in training, a float one here, or the reverse) are one value
         columns = [_as_seen_numbers(column, self.spec_.covariate_values[key]) for key, column in zip(keys, columns)]
         self._warn_unseen_covariates(
-            [column for key, column in zip(keys, columns) if key not in explicit_unknown],
-            given,
-            [key for key in keys if key not in explicit_unknown],
+            {key: column for key, column in zip(keys, columns) if key not in explicit_unknown}, given
         )
         return list(zip(*columns)) if keys else [()] * n
 
-    def _warn_unseen_covariates(self, columns: list[list[str | None]], given: set[str], keys: Sequence[str]) -> None:
+    def _warn_unseen_covariates(self, columns: Mapping[str, list[str | None]], given: set[str]) -> None:
         """Warn about covariates that are missing or hold values absent from the training data (a new patient, a typo).
 
-        ``columns``: the values of the covariates ``keys``, per cell; ``given``: the keys given in
-        ``covariates=`` or present as ``source.obs`` columns.
+        ``columns``: the values of each covariate to check, per cell, by key; ``given``: the keys
+        given in ``covariates=`` or present as ``source.obs`` columns.
         """
-        for key, column in zip(keys, columns):
+        for key, column in columns.items():
             seen = self.spec_.covariate_values[key]
             if column and all(v is None for v in column) and key not in given:
                 warnings.warn(
@@ -359,7 +357,7 @@ class ResponseModel:
                     f"cell is predicted as of an unknown {key}; pass covariates={{{key!r}: value}} "
                     f"(values seen in training: {format_choices(seen)}).",
                     UserWarning,
-                    stacklevel=4,
+                    stacklevel=user_stacklevel(),
                 )
                 continue
             n_missing = sum(v is None for v in column)
@@ -368,7 +366,7 @@ class ResponseModel:
                     f"covariate {key!r} is missing for {n_missing} source cell(s), which are predicted as of an "
                     f"unknown {key} (values seen in training: {format_choices(seen)}).",
                     UserWarning,
-                    stacklevel=4,
+                    stacklevel=user_stacklevel(),
                 )
             unseen = sorted({v for v in column if v is not None} - set(seen))
             if unseen:
@@ -378,7 +376,7 @@ class ResponseModel:
                     "their 'unknown' covariate embedding and the source cells, the baselines average over the seen values. "
                     "Check the spelling if they are meant to be known ones.",
                     UserWarning,
-                    stacklevel=4,
+                    stacklevel=user_stacklevel(),
                 )
 
     def predict(

@@ -104,8 +104,9 @@ def test_unseen_or_missing_covariates_warn_and_known_ones_do_not(toy):
         warnings.simplefilter("error")
         model.predict(source, "A", dose=1.0)  # every patient seen: silent
         model.predict(source, "A", dose=1.0, covariates={"patient": "P2"})
-    with pytest.warns(UserWarning, match=r"covariate 'patient': \['P9'\] did not occur in the training data \(values seen: \['P1', 'P2', 'P3'\]\)"):
+    with pytest.warns(UserWarning, match=r"covariate 'patient': \['P9'\] did not occur in the training data \(values seen: \['P1', 'P2', 'P3'\]\)") as caught:
         typo = model.predict(source, "A", dose=1.0, covariates={"patient": "P9"})
+    assert {w.filename for w in caught} == {__file__}  # the warning points at the user's line
     with pytest.warns(UserWarning, match="covariate 'patient' is neither given in covariates= nor a column of source.obs"):
         from_array = model.predict(np.asarray(source.X), "A", dose=1.0)
     # both are predicted as an unknown patient, i.e. the same way
