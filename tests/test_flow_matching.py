@@ -293,6 +293,25 @@ def test_validation_split_records_scores():
     assert "val_energy_distance" in model.history_ and model.history_["val_energy_distance"].notna().all()
 
 
+def test_progress_bar_shows_only_informative_terms():
+    from cellflow.train._loop import _shown_terms
+
+    history = [
+        {"step": 25, "loss": 3.0, "flow": 3.0, "interaction": 0.0, "coupling_fallback": 0.0, "seconds": 4.0,
+         "val_energy_distance": 0.5},
+        {"step": 50, "loss": 2.0, "flow": 2.0, "interaction": 0.0, "coupling_fallback": 0.0, "seconds": 5.0},
+    ]
+    # no interaction on data without combinations, no step or seconds (the bar shows both), and
+    # the last validation score until the next evaluation
+    assert _shown_terms(history) == {"loss": 2.0, "flow": 2.0, "val_energy_distance": 0.5}
+    history.append({"step": 75, "loss": 1.0, "flow": 1.0, "interaction": 0.1, "coupling_fallback": 0.5, "seconds": 6.0,
+                    "val_energy_distance": 0.4})
+    assert _shown_terms(history) == {"loss": 1.0, "flow": 1.0, "interaction": 0.1, "coupling_fallback": 0.5,
+                                     "val_energy_distance": 0.4}
+    history.append({"step": 100, "loss": 1.0, "flow": 1.0, "interaction": 0.0, "coupling_fallback": 0.0, "seconds": 7.0})
+    assert _shown_terms(history)["interaction"] == 0.0  # once it has moved, it stays on
+
+
 def test_option_validation():
     adata = shift_data(n=20)
     with pytest.raises(cf.CellflowValueError, match=r"solver='rk4'.*valid choices.*'heun'"):

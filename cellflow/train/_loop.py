@@ -153,9 +153,7 @@ def run_training(
             else:
                 waited += 1
         history.append(row)
-        # the share of failed couplings is shown only when it matters (it is in the history anyway)
-        shown = {k: v for k, v in row.items() if k != "step" and (k != COUPLING_FALLBACK or v > FALLBACK_WARNING_FRACTION)}
-        bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+        bar.set_postfix({k: f"{v:.4g}" for k, v in _shown_terms(history).items()}, refresh=False)
         bar.update(chunk)
         if checkpoint_dir is not None and (step % checkpoint_every < chunk or step >= n_chunks * chunk):
             save_checkpoint(checkpoint_dir, state, history, run)
@@ -167,6 +165,28 @@ def run_training(
     if evaluate is None:
         best_ema = state.ema
     return LoopResult(state, best_ema, pd.DataFrame(history), stopped)
+
+
+def _shown_terms(history: list[dict[str, float]]) -> dict[str, float]:
+    """What the progress bar shows of the history so far (all of it stays in ``history_``).
+
+    The last chunk's terms, without those that carry no news: the step and seconds (the bar
+    counts both), a term that has been exactly zero all along (an interaction term on data
+    without combinations), and the share of failed couplings while it is harmless. The last
+    validation score stays on until the next one replaces it.
+    """
+    row = history[-1]
+    shown = {
+        key: value
+        for key, value in row.items()
+        if key not in ("step", "seconds", "val_energy_distance")
+        and (key != COUPLING_FALLBACK or value > FALLBACK_WARNING_FRACTION)
+        and (key == "loss" or any(past.get(key, 0.0) != 0.0 for past in history))
+    }
+    scores = [past["val_energy_distance"] for past in history if "val_energy_distance" in past]
+    if scores:
+        shown["val_energy_distance"] = scores[-1]
+    return shown
 
 
 def _warn_failed_couplings(history: list[dict], description: str) -> None:
