@@ -113,23 +113,36 @@ def test_refitting_a_configuration_reuses_its_compiled_training_chunk(count_comp
     assert count_compilations["n"] == 2 * after_first + 1  # what the first fit compiled, again
 
 
+def with_batches(adata):
+    # two batches, one of which holds only ten of B's cells: the groups (A, b1), (A, b2), (B, b1), (B, b2)
+    batch = np.where(np.arange(adata.n_obs) % 2, "b1", "b2")
+    is_b = (adata.obs.condition == "B").to_numpy()
+    batch[is_b] = "b1"
+    batch[np.flatnonzero(is_b)[:10]] = "b2"
+    adata.obs["batch"] = batch
+    return adata
+
+
 def test_data_sets_of_nearby_sizes_share_the_training_program(count_compilations, monkeypatch):
-    # 3 x 200 and 3 x 210 cells (targets 400 and 420, controls 200 and 210) pad to the same lengths
     options = {**SMALL, "chunk": 10}
 
     def fit(adata):
-        model = cf.ResponseModel(adata, rep="X", method="flow_matching", **options)
+        model = cf.ResponseModel(adata, rep="X", method="flow_matching", covariate_keys=("batch",), **options)
         source = adata[adata.obs.condition == "control"][:50]
-        return model.fit(steps=10, batch_size=32, seed=0, progress=False).predict(source, "A").X
+        return model.fit(steps=10, batch_size=32, seed=0, progress=False).predict(source, "A", covariates={"batch": "b1"}).X
 
     clear_compiled_programs()
-    fit(shift_data(n=200))
-    fit(shift_data(n=210, seed=1))
+    fit(with_batches(shift_data(n=200)))
+    # another fold: other cells, 3 x 210 of them
+    fit(with_batches(shift_data(n=210, seed=1)))
+    # another fold with a training group fewer (B in batch b2 held out)
+    fewer = with_batches(shift_data(n=200, seed=2))
+    fit(fewer[~((fewer.obs.condition == "B") & (fewer.obs.batch == "b2"))].copy())
     assert count_compilations["programs"].count("jit_scan_steps") == 1
     # padding changes nothing the sampler draws: the same fit without it predicts the same cells
-    padded = fit(shift_data(n=210, seed=1))
+    padded = fit(with_batches(shift_data(n=210, seed=1)))
     monkeypatch.setattr("cellflow.data._sampler.padded_length", lambda n: n)
-    np.testing.assert_array_equal(fit(shift_data(n=210, seed=1)), padded)
+    np.testing.assert_array_equal(fit(with_batches(shift_data(n=210, seed=1))), padded)
     assert count_compilations["programs"].count("jit_scan_steps") == 2
 
 

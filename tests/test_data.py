@@ -112,6 +112,10 @@ def test_sampler_shapes_membership_and_jit():
         np.testing.assert_allclose(np.asarray(batch.condition.doses)[: len(condition)], condition.doses)
     stacked = sample_batches(arrays, jax.random.key(1), 4, 5)
     assert stacked.source.shape == (5, 4, 3) and stacked.group.shape == (5,)
+    # the arrays are padded (to share compiled programs), but only real groups are ever drawn
+    assert arrays.group_start.shape[0] > data.n_groups == arrays.n_groups
+    drawn = np.asarray(sample_batches(arrays, jax.random.key(2), 1, 2000).group)
+    assert set(drawn.tolist()) == set(range(data.n_groups))
     # same key, same batch
     np.testing.assert_array_equal(sample_batch(arrays, jax.random.key(3), 8).target, sample_batch(arrays, jax.random.key(3), 8).target)
 

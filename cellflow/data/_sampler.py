@@ -79,12 +79,13 @@ class Batch(NamedTuple):
 class TrainingArrays(NamedTuple):
     """Device-resident training data (a PyTree), see :func:`build_training_arrays`.
 
-    ``cells``, ``target_index`` and ``source_index`` are padded to a length from a coarse grid
-    (:func:`padded_length`), so that data sets of nearby sizes (cross-validation folds, a
+    Every leaf is padded along its first axis (cells, groups, pools) to a length from a coarse
+    grid (:func:`padded_length`), so that data sets of nearby sizes (cross-validation folds, a
     filtered copy, the same experiment next week) give the training program arguments of the
-    same shapes and share its compilation. Padding is never drawn: every index a sampler forms
-    stays below ``group_start + group_size`` (``pool_start + pool_size``), which counts real
-    cells only.
+    same shapes and share its compilation. Padding is never drawn: padded groups have
+    probability 0 and no cells, and every cell index a sampler forms stays below
+    ``group_start + group_size`` (``pool_start + pool_size``), which counts real cells only.
+    :attr:`n_groups` counts the real groups.
     """
 
     cells: jax.Array
@@ -100,7 +101,8 @@ class TrainingArrays(NamedTuple):
 
     @property
     def n_groups(self) -> int:
-        return int(self.group_start.shape[0])
+        """Number of real (not padded) treated groups."""
+        return int(np.count_nonzero(np.asarray(self.group_size)))
 
 
 def encode_condition(
@@ -207,17 +209,19 @@ def build_training_arrays(
     ]
     conditions = ConditionArrays(*(np.stack(parts) for parts in zip(*encoded)))
     probs = group_size.astype(np.float32) if group_weighting == "size" else np.ones(len(group_size), np.float32)
+    # padded groups have probability 0 (never drawn; jax.random.choice draws the real ones
+    # exactly as without them) and no cells; padded pools, no cells
     arrays = TrainingArrays(
         cells=_pad_rows(data.cells),
         target_index=_pad_rows(target_index),
-        group_start=group_start,
-        group_size=group_size,
+        group_start=_pad_rows(group_start),
+        group_size=_pad_rows(group_size),
         source_index=_pad_rows(source_index),
-        pool_start=pool_start,
-        pool_size=pool_size,
-        group_pool=spec.groups["pool"].to_numpy(np.int32),
-        conditions=conditions,
-        group_probs=probs / probs.sum(),
+        pool_start=_pad_rows(pool_start),
+        pool_size=_pad_rows(pool_size),
+        group_pool=_pad_rows(spec.groups["pool"].to_numpy(np.int32)),
+        conditions=ConditionArrays(*(_pad_rows(leaf) for leaf in conditions)),
+        group_probs=_pad_rows(probs / probs.sum()),
     )
     # a transfer per leaf; jnp.asarray would compile a copy per leaf shape in a fresh process
     return jax.device_put(arrays)
