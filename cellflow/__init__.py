@@ -32,7 +32,8 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+    # the public names (submodules included, loaded or not), not this module's imports
+    return sorted(__all__)
 
 __all__ = [
     "CellflowKeyError",

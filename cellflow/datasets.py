@@ -1147,3 +1147,8 @@ def time_course(
     adata = ad.AnnData(X=cells, obs=obs)
     adata.obsm["X_pca"] = cells.copy()
     return adata
+
+
+def __dir__() -> list[str]:
+    # tab completion lists the public names, not this module's imports
+    return sorted(__all__)

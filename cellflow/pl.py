@@ -312,3 +312,8 @@ def trajectories(
     if title:
         ax.set_title(title)
     return ax
+
+
+def __dir__() -> list[str]:
+    # tab completion lists the public names, not this module's imports
+    return sorted(__all__)

@@ -243,3 +243,21 @@ def test_choices_taken_from_numeric_columns_read_as_plain_numbers():
 
     assert format_choices(pd.Series([101, 107]).unique()) == "[101, 107]"
     assert format_choices([np.float32(0.5), "a"]) == "[0.5, 'a']"
+
+
+@pytest.mark.parametrize("name", ["cellflow", "cellflow.data", "cellflow.datasets", "cellflow.methods", "cellflow.metrics",
+                                  "cellflow.nn", "cellflow.pl", "cellflow.pp", "cellflow.solvers", "cellflow.train"])
+def test_tab_completion_lists_the_public_names(name):
+    import importlib
+    import types
+
+    module = importlib.import_module(name)
+    exported = {n for n in module.__all__ if not n.startswith("_")}
+    public = {
+        n for n in dir(module)
+        if not n.startswith("_")
+        # an imported submodule shows up as Python adds it, exported or not
+        and (n in exported or not (isinstance(getattr(module, n), types.ModuleType) and getattr(module, n).__name__ == f"{name}.{n}"))
+    }
+    assert public == exported
+    assert all(hasattr(module, n) for n in module.__all__)

@@ -38,3 +38,8 @@ def get_method(name: str) -> Method:
 
 for _method in (Identity(), MeanShift(), GaussianOT(), FlowMatching(), NeuralOT(), SchrodingerBridge(), Diffusion()):
     register_method(_method)
+
+
+def __dir__() -> list[str]:
+    # tab completion lists the public names, not this module's imports
+    return sorted(__all__)
