@@ -108,6 +108,11 @@ class BridgeScalars(NamedTuple):
     score_weight: float | jax.Array
     covariate_dropout: float | jax.Array
 
+    @classmethod
+    def of(cls, config: BridgeConfig) -> BridgeScalars:
+        """The config's values."""
+        return cls(config.sigma, config.score_weight, config.covariate_dropout)
+
 
 def couple(
     key: jax.Array, source: jax.Array, target: jax.Array, config: BridgeConfig, length: jax.Array | float = 1.0,
@@ -242,8 +247,9 @@ def make_train_chunk(
         terms = {"flow": flow, "score": score, COUPLING_FALLBACK: jnp.mean(fell_back.astype(jnp.float32))}
         return flow + scalars.score_weight * score, terms
 
-    scalars = BridgeScalars(config.sigma, config.score_weight, config.covariate_dropout)
-    return scanned_training_chunk(loss_fn, sample, optimizer, config.ema_decay, chunk, (arrays, populations), mesh, scalars)
+    return scanned_training_chunk(
+        loss_fn, sample, optimizer, config.ema_decay, chunk, (arrays, populations), mesh, BridgeScalars.of(config)
+    )
 
 
 def _sample_aligned(arrays: TrainingArrays, key: jax.Array, batch_size: int, n_groups: int):
