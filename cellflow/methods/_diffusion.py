@@ -21,23 +21,12 @@ from cellflow.data import (
     encode_condition,
 )
 from cellflow.methods._base import Method, Option
-from cellflow.methods._flow_matching import (
-    _bucket,
-    _fraction,
-    _known_covariates,
-    _non_negative,
-    _one_of,
-    _positive,
-    _positive_int,
-    _split_validation,
-    _validation_scorer,
-    build_response_field,
-    params_from_arrays,
-    params_to_arrays,
-    response_field_options,
-    training_loop_options,
-    run_description,
-    train_with_options,
+from cellflow.methods._learned import (
+    bucket, build_response_field, known_covariates, params_from_arrays, params_to_arrays, run_description,
+    split_validation, train_with_options, validation_scorer,
+)
+from cellflow.methods._options import (
+    fraction, non_negative, one_of, positive, positive_int, response_field_options, training_loop_options,
 )
 from cellflow.methods import _subspace as subspaces
 from cellflow.nn import Denoiser
@@ -114,28 +103,28 @@ class Diffusion(Method):
     default_steps = 2000
     options: ClassVar[Mapping[str, Option]] = {
         **response_field_options("the fields", depth_of="the member and base fields", centre=None),
-        "learning_rate": Option(1e-3, "peak learning rate (AdamW, warm-up, cosine decay)", _non_negative),
-        "weight_decay": Option(0.0, "AdamW weight decay", _non_negative),
-        "warmup": Option(200, "warm-up steps", _non_negative),
-        "conditions_per_step": Option(8, "treated groups per training step", _positive_int),
-        "p_uncond": Option(0.1, "probability of training a group on its controls under the empty condition", _fraction),
+        "learning_rate": Option(1e-3, "peak learning rate (AdamW, warm-up, cosine decay)", non_negative),
+        "weight_decay": Option(0.0, "AdamW weight decay", non_negative),
+        "warmup": Option(200, "warm-up steps", non_negative),
+        "conditions_per_step": Option(8, "treated groups per training step", positive_int),
+        "p_uncond": Option(0.1, "probability of training a group on its controls under the empty condition", fraction),
         "guidance": Option(1.0, "classifier-free guidance weight w (1: conditional model, 0: controls)", _real),
         "p_mean": Option(-1.2, "mean of log sigma of the training noise levels", _real),
-        "p_std": Option(1.2, "standard deviation of log sigma of the training noise levels", _positive),
-        "sigma_min": Option(0.002, "smallest noise level of sampling", _positive),
-        "sigma_max": Option(80.0, "largest noise level (start of generation from noise)", _positive),
-        "rho": Option(7.0, "curvature of the Karras sampling schedule", _positive),
-        "start": Option("noise", "generate from pure 'noise' or from noised 'source' cells (SDEdit)", _one_of("noise", "source")),
-        "start_sigma": Option(1.0, "noise level of the source cells when start='source' (standardised units)", _positive),
-        "sampler": Option("ode", "'ode' (probability flow, Heun) or 'sde' (reverse SDE, Euler-Maruyama)", _one_of("ode", "sde")),
-        "n_steps": Option(32, "integration steps of the sampler", _positive_int),
-        "ema_decay": Option(0.999, "EMA decay of the weights used to predict", _fraction),
-        "covariate_dropout": Option(0.1, "probability of hiding a covariate value in training", _fraction),
-        "group_weighting": Option("uniform", "draw groups 'uniform'ly or by 'size'", _one_of("uniform", "size")),
-        "population_size": Option(256, "source cells summarised at prediction time", _positive_int),
-        "validation_fraction": Option(0.0, "share of each group's cells held out for early stopping", _fraction),
-        "eval_every": Option(500, "steps between validation evaluations", _positive_int),
-        "patience": Option(5, "evaluations without improvement before stopping", _positive_int),
+        "p_std": Option(1.2, "standard deviation of log sigma of the training noise levels", positive),
+        "sigma_min": Option(0.002, "smallest noise level of sampling", positive),
+        "sigma_max": Option(80.0, "largest noise level (start of generation from noise)", positive),
+        "rho": Option(7.0, "curvature of the Karras sampling schedule", positive),
+        "start": Option("noise", "generate from pure 'noise' or from noised 'source' cells (SDEdit)", one_of("noise", "source")),
+        "start_sigma": Option(1.0, "noise level of the source cells when start='source' (standardised units)", positive),
+        "sampler": Option("ode", "'ode' (probability flow, Heun) or 'sde' (reverse SDE, Euler-Maruyama)", one_of("ode", "sde")),
+        "n_steps": Option(32, "integration steps of the sampler", positive_int),
+        "ema_decay": Option(0.999, "EMA decay of the weights used to predict", fraction),
+        "covariate_dropout": Option(0.1, "probability of hiding a covariate value in training", fraction),
+        "group_weighting": Option("uniform", "draw groups 'uniform'ly or by 'size'", one_of("uniform", "size")),
+        "population_size": Option(256, "source cells summarised at prediction time", positive_int),
+        "validation_fraction": Option(0.0, "share of each group's cells held out for early stopping", fraction),
+        "eval_every": Option(500, "steps between validation evaluations", positive_int),
+        "patience": Option(5, "evaluations without improvement before stopping", positive_int),
         **training_loop_options(),
         "subspace": subspaces.subspace_option("the denoiser"),
     }
@@ -201,7 +190,7 @@ class Diffusion(Method):
         scale = np.asarray(np.sqrt(np.mean((data.cells - loc) ** 2)) + 1e-8, np.float32)
         train_data, validation = data, None
         if options["validation_fraction"] > 0:
-            train_data, validation = _split_validation(data, options["validation_fraction"], rng)
+            train_data, validation = split_validation(data, options["validation_fraction"], rng)
         arrays = build_training_arrays(train_data, embeddings, group_weighting=options["group_weighting"])
         arrays = arrays._replace(cells=(arrays.cells - jnp.asarray(loc)) / jnp.asarray(scale))
         key = jax.random.key(seed)
@@ -229,7 +218,7 @@ class Diffusion(Method):
     # -- predict ------------------------------------------------------------------------------
     def predict(self, state, spec, embeddings, options, source, condition: Condition, covariates, key) -> np.ndarray:
         arrays = encode_condition(
-            condition, _known_covariates(spec, covariates), embeddings, spec.covariate_values,
+            condition, known_covariates(spec, covariates), embeddings, spec.covariate_values,
             max(spec.max_members, len(condition)),
         )
         loc, scale = np.asarray(state.loc, np.float32), np.float32(state.scale)
@@ -237,7 +226,7 @@ class Diffusion(Method):
         n = standardised.shape[0]
         key_population, key_sample = jax.random.split(key)
         population = standardised[np.asarray(jax.random.randint(key_population, (options["population_size"],), 0, n))]
-        x = np.zeros((_bucket(n), standardised.shape[1]), np.float32)
+        x = np.zeros((bucket(n), standardised.shape[1]), np.float32)
         x[:n] = standardised
         y = diff.sample(
             state.graphdef,
@@ -272,7 +261,7 @@ class Diffusion(Method):
 def _diffusion_validation_scorer(
     graphdef, validation: PerturbationData, embeddings, spec, batch_size, rng, loc, scale, config, sampling, seed,
 ):
-    """``ema -> mean energy distance`` over held-out groups (the shared scorer of flow matching).
+    """``ema -> mean energy distance`` over held-out groups (:func:`cellflow.methods._learned.validation_scorer`).
 
     Predictions use the probability-flow ODE with at most 16 steps and a fixed key, so that
     scores of successive evaluations differ only by the weights.
@@ -289,4 +278,4 @@ def _diffusion_validation_scorer(
         )
         return prediction * scale + loc
 
-    return _validation_scorer(graphdef, validation, embeddings, spec, batch_size, rng, move=move)
+    return validation_scorer(graphdef, validation, embeddings, spec, batch_size, rng, move=move)

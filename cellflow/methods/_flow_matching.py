@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -14,7 +11,6 @@ import numpy as np
 import pandas as pd
 from flax import nnx
 
-from cellflow._errors import CellflowValueError
 from cellflow.data import (
     Condition,
     DataSpec,
@@ -25,14 +21,21 @@ from cellflow.data import (
     encode_condition,
 )
 from cellflow.methods._base import Method, Option
+from cellflow.methods._learned import (
+    bucket, build_response_field, known_covariates, params_from_arrays, params_to_arrays, run_description,
+    split_validation, train_with_options, validation_scorer,
+)
+from cellflow.methods._options import (
+    fraction, non_negative, one_of, positive, positive_int, unit_interval, response_field_options,
+    training_loop_options,
+)
 from cellflow.methods import _subspace as subspaces
 from cellflow.methods._baselines import GaussianOT, MeanShift
 from cellflow.nn import ResponseField
-from cellflow.nn.response import FIELDS, POOLINGS
 from cellflow.solvers import baselines
 from cellflow.solvers import flow_matching as fm
 from cellflow.solvers import subspace as principal
-from cellflow.train import chunk_size, group_mesh, make_optimizer, run_training
+from cellflow.train import chunk_size, group_mesh, make_optimizer
 
 __all__ = ["FlowMatching", "FlowMatchingState"]
 
@@ -50,84 +53,6 @@ class FlowMatchingState(NamedTuple):
     prior: baselines.AffineResponse | None = None
     subspace: principal.Subspace | None = None
     outside: baselines.AffineResponse | None = None
-
-
-def _positive_int(value):
-    return None if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value > 0 else "expected a positive integer."
-
-
-def _non_negative(value):
-    return None if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0 else "expected a number >= 0."
-
-
-def _positive(value):
-    return None if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else "expected a number > 0."
-
-
-def _fraction(value):
-    return None if isinstance(value, (int, float)) and 0 <= value < 1 else "expected a number in [0, 1)."
-
-
-def _unit_interval(value):
-    return None if isinstance(value, (int, float)) and 0 < value <= 1 else "expected a number in (0, 1]."
-
-
-def _one_of(*choices):
-    return lambda value: None if value in choices else f"valid choices: {list(choices)}."
-
-
-def _optional_positive_int(value):
-    return None if value is None or _positive_int(value) is None else "expected a positive integer or None."
-
-
-def _optional_path(value):
-    return None if value is None or isinstance(value, str) else "expected a directory path (str) or None."
-
-
-def response_field_options(
-    networks: str = "the fields", *, depth_of: str = "the member field", centre: bool | None = False
-) -> dict[str, Option]:
-    """The architecture options that :func:`build_response_field` reads, for a method's table.
-
-    ``networks`` names the method's networks in the help texts, ``depth_of`` what ``depth``
-    counts, and ``centre`` is the default of the ``centre`` option (``None``: the method has no
-    such option and builds uncentred fields).
-    """
-    options = {
-        "width": Option(128, f"hidden width of {networks}", _positive_int),
-        "depth": Option(3, f"residual blocks of {depth_of}", _positive_int),
-        "token_dim": Option(64, "size of a combination member's token", _positive_int),
-        "context_dim": Option(64, "size of the covariate/population context", _positive_int),
-        "population_encoder": Option(True, "summarise the source population (DeepSets)", _one_of(True, False)),
-        "pooling": Option("mean", "pooling of member tokens: 'mean' or 'attention'", _one_of(*POOLINGS)),
-        "field": Option(
-            "additive",
-            f"structure of {networks}: 'additive' (one field per combination member plus an interaction field) "
-            "or 'joint' (one field of the pooled condition; cheaper for combinations)",
-            _one_of(*FIELDS),
-        ),
-        "conditioning": Option("film", f"how conditions enter {networks}: 'film' or 'concatenation'", _one_of("film", "concatenation")),
-        "dropout": Option(0.0, f"dropout in {networks} and on the population summary", _fraction),
-    }
-    if centre is not None:
-        options["centre"] = Option(centre, f"feed {networks} positions relative to the source population's mean", _one_of(True, False))
-    return options
-
-
-def training_loop_options(devices_scope: str = "") -> dict[str, Option]:
-    """The options of the jitted training loop (``chunk``, ``devices``, ``checkpoint_dir``,
-    ``checkpoint_every``) for a method's table; ``devices_scope`` says which network ``devices``
-    applies to when a method has several (e.g. ``", conditional map"``)."""
-    return {
-        "chunk": Option(100, "most steps per jitted dispatch (the largest divisor of steps up to this is used)", _positive_int),
-        "devices": Option(
-            1,
-            f"devices a step's condition groups are split over{devices_scope} (None: every local device that divides conditions_per_step)",
-            _optional_positive_int,
-        ),
-        "checkpoint_dir": Option(None, "directory of orbax training checkpoints", _optional_path),
-        "checkpoint_every": Option(1000, "steps between checkpoints", _positive_int),
-    }
 
 
 class FlowMatching(Method):
@@ -248,52 +173,52 @@ class FlowMatching(Method):
     default_steps = 2000
     options = {
         **response_field_options("the velocity fields"),
-        "learning_rate": Option(1e-3, "peak learning rate (AdamW, warm-up, cosine decay)", _non_negative),
-        "weight_decay": Option(0.0, "AdamW weight decay", _non_negative),
-        "warmup": Option(200, "warm-up steps", _non_negative),
-        "conditions_per_step": Option(8, "treated groups per training step", _positive_int),
-        "coupling": Option("ot", "'ot' (minibatch Sinkhorn) or 'independent'", _one_of(*fm.COUPLINGS)),
-        "epsilon": Option(0.01, "Sinkhorn regularisation relative to the mean cost", _positive),
-        "tau_a": Option(1.0, "source unbalancedness (1 = balanced)", _unit_interval),
-        "tau_b": Option(1.0, "target unbalancedness (1 = balanced)", _unit_interval),
+        "learning_rate": Option(1e-3, "peak learning rate (AdamW, warm-up, cosine decay)", non_negative),
+        "weight_decay": Option(0.0, "AdamW weight decay", non_negative),
+        "warmup": Option(200, "warm-up steps", non_negative),
+        "conditions_per_step": Option(8, "treated groups per training step", positive_int),
+        "coupling": Option("ot", "'ot' (minibatch Sinkhorn) or 'independent'", one_of(*fm.COUPLINGS)),
+        "epsilon": Option(0.01, "Sinkhorn regularisation relative to the mean cost", positive),
+        "tau_a": Option(1.0, "source unbalancedness (1 = balanced)", unit_interval),
+        "tau_b": Option(1.0, "target unbalancedness (1 = balanced)", unit_interval),
         "path": Option(
             "brownian",
             "probability path: 'brownian' (noisy, displacement target), 'straight' or 'smoothed' (noisy, exact velocity)",
-            _one_of(*fm.PATHS),
+            one_of(*fm.PATHS),
         ),
-        "sigma": Option(2.0, "noise of the probability path, in units of the control cells' spread", _non_negative),
-        "sigma_min": Option(0.6, "noise floor of path='smoothed', in units of the control cells' spread", _non_negative),
-        "ema_decay": Option(0.999, "EMA decay of the weights used to predict", _fraction),
-        "covariate_dropout": Option(0.1, "probability of hiding a covariate value in training", _fraction),
+        "sigma": Option(2.0, "noise of the probability path, in units of the control cells' spread", non_negative),
+        "sigma_min": Option(0.6, "noise floor of path='smoothed', in units of the control cells' spread", non_negative),
+        "ema_decay": Option(0.999, "EMA decay of the weights used to predict", fraction),
+        "covariate_dropout": Option(0.1, "probability of hiding a covariate value in training", fraction),
         "interaction_penalty": Option(
-            1.0, "weight of the interaction field's squared velocity in the loss (an additivity prior for combinations)", _non_negative
+            1.0, "weight of the interaction field's squared velocity in the loss (an additivity prior for combinations)", non_negative
         ),
-        "group_weighting": Option("uniform", "draw groups 'uniform'ly or by 'size'", _one_of("uniform", "size")),
-        "solver": Option("heun", f"ODE solver: one of {list(_SOLVERS)}", _one_of(*_SOLVERS)),
-        "n_steps": Option(16, "ODE steps of fixed-step solvers", _positive_int),
+        "group_weighting": Option("uniform", "draw groups 'uniform'ly or by 'size'", one_of("uniform", "size")),
+        "solver": Option("heun", f"ODE solver: one of {list(_SOLVERS)}", one_of(*_SOLVERS)),
+        "n_steps": Option(16, "ODE steps of fixed-step solvers", positive_int),
         "combine": Option(
             "auto",
             "how additive member fields predict a combination: 'displacements' (each member's own flow from the source "
             "cell, displacements added, plus the interaction field), 'members' (the same without the interaction "
             "field), 'velocities' (one flow of the summed fields, as trained), or 'auto' (velocities for combinations "
             "seen in training; displacements, or members with unseen_interaction=False, for the others)",
-            _one_of("auto", *fm.COMBINE_RULES),
+            one_of("auto", *fm.COMBINE_RULES),
         ),
         "unseen_interaction": Option(
             True,
             "with combine='auto': add the interaction field's extrapolated guess to a combination never seen in "
             "training (True), or predict it from its members' displacements alone (False, the additive prediction)",
-            _one_of(True, False),
+            one_of(True, False),
         ),
-        "population_size": Option(256, "source cells summarised at prediction time", _positive_int),
-        "validation_fraction": Option(0.0, "share of each group's cells held out for early stopping", _fraction),
-        "eval_every": Option(500, "steps between validation evaluations", _positive_int),
-        "patience": Option(5, "evaluations without improvement before stopping", _positive_int),
+        "population_size": Option(256, "source cells summarised at prediction time", positive_int),
+        "validation_fraction": Option(0.0, "share of each group's cells held out for early stopping", fraction),
+        "eval_every": Option(500, "steps between validation evaluations", positive_int),
+        "patience": Option(5, "evaluations without improvement before stopping", positive_int),
         **training_loop_options(),
         "prior": Option(
             "none",
             "start the flow from a baseline's prediction and learn the rest: 'none', 'mean_shift' or 'gaussian_ot'",
-            _one_of(*_PRIORS),
+            one_of(*_PRIORS),
         ),
         "subspace": subspaces.subspace_option("the flow"),
     }
@@ -332,7 +257,7 @@ class FlowMatching(Method):
         rng = np.random.default_rng(seed)
         train_data, validation = data, None
         if options["validation_fraction"] > 0:
-            train_data, validation = _split_validation(data, options["validation_fraction"], rng)
+            train_data, validation = split_validation(data, options["validation_fraction"], rng)
         arrays = build_training_arrays(train_data, embeddings, group_weighting=options["group_weighting"])
         prior = None
         if _PRIORS[options["prior"]] is not None:
@@ -349,7 +274,7 @@ class FlowMatching(Method):
         )
         evaluate = None
         if validation is not None:
-            evaluate = _validation_scorer(
+            evaluate = validation_scorer(
                 graphdef, validation, embeddings, data.spec, batch_size, rng, prior,
                 # validation groups are combinations seen in training
                 combine="velocities" if options["combine"] == "auto" else options["combine"],
@@ -368,7 +293,7 @@ class FlowMatching(Method):
         # The fields are shared across members, so combinations larger than any seen in training
         # (e.g. pairs after training on single drugs) only need wider padding.
         arrays = encode_condition(
-            condition, _known_covariates(spec, covariates), embeddings, spec.covariate_values,
+            condition, known_covariates(spec, covariates), embeddings, spec.covariate_values,
             max(spec.max_members, len(condition)),
         )
         n = source.shape[0]
@@ -378,7 +303,7 @@ class FlowMatching(Method):
         if state.prior is not None:
             weights = condition_weights(condition, covariates, spec.group_conditions, spec.group_covariates, embeddings)
             start = np.asarray(baselines.push(state.prior, cells, weights))
-        padded = _bucket(n)
+        padded = bucket(n)
         x = np.zeros((padded, start.shape[1]), np.float32)
         x[:n] = start
         y = fm.push(
@@ -415,28 +340,6 @@ class FlowMatching(Method):
         return FlowMatchingState(graphdef, params, pd.DataFrame(), prior, subspace, outside)
 
 
-def build_response_field(spec: DataSpec, embedding_dim: int, options: Mapping[str, Any], seed: int = 0) -> ResponseField:
-    """A :class:`ResponseField` sized for ``spec`` from the architecture options shared by the
-    methods built on it (``width``, ``depth``, ``token_dim``, ``context_dim``,
-    ``population_encoder``, ``pooling``, ``field``, ``conditioning``, ``dropout``, ``centre``)."""
-    return ResponseField(
-        spec.n_features,
-        embedding_dim,
-        tuple(len(v) for v in spec.covariate_values.values()),
-        width=options["width"],
-        depth=options["depth"],
-        token_dim=options["token_dim"],
-        context_dim=options["context_dim"],
-        population=options["population_encoder"],
-        pooling=options["pooling"],
-        field=options["field"],
-        film=options["conditioning"] == "film",
-        dropout_rate=float(options["dropout"]),
-        centre=options["centre"],
-        rngs=nnx.Rngs(seed),
-    )
-
-
 def control_spread(data: PerturbationData) -> float:
     """Root mean square over features of the within-pool standard deviation of the control cells.
 
@@ -456,67 +359,6 @@ def control_spread(data: PerturbationData) -> float:
     return spread if spread > 0 else 1.0
 
 
-def params_to_arrays(params: Any) -> dict[str, np.ndarray]:
-    """Flatten a parameter PyTree into ``{key path: array}`` for saving."""
-    leaves, _ = jax.tree_util.tree_flatten_with_path(params)
-    return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
-
-
-def params_from_arrays(arrays: Mapping[str, np.ndarray], template: Any) -> Any:
-    """Inverse of :func:`params_to_arrays`, shaped like ``template``; an array of another shape
-    (a model saved with other options or on other data) raises rather than running misshapen.
-    Arrays that are not parameters (a method's other saved state) are left alone."""
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
-    restored = []
-    for path, leaf in leaves:
-        name = jax.tree_util.keystr(path)
-        array = np.asarray(arrays[name])
-        if array.shape != tuple(leaf.shape):
-            raise CellflowValueError(
-                f"saved parameter {name} has shape {array.shape}, but the model built from the saved options "
-                f"expects {tuple(leaf.shape)}."
-            )
-        restored.append(jnp.asarray(array))
-    return jax.tree_util.tree_unflatten(treedef, restored)
-
-
-def run_description(
-    data: PerturbationData, options: Mapping[str, Any], *, subspace: principal.Subspace | None = None, **fit_arguments: Any
-) -> dict[str, Any]:
-    """What makes a training run what it is, as JSON for its checkpoints: the options (except
-    where and how it dispatches and checkpoints; for ``subspace`` the choice made, see
-    :func:`~cellflow.methods._subspace.subspace_run_description`), the fit's arguments and a
-    digest of the data's description (groups, vocabulary, covariates)."""
-    loop_only = set(training_loop_options()) | {"subspace"}
-    described = {k: v for k, v in options.items() if k not in loop_only}
-    described.update(subspaces.subspace_run_description(subspace))
-    described.update(fit_arguments)
-    described["data"] = hashlib.sha256(data.spec.to_json().encode()).hexdigest()[:16]
-    return json.loads(json.dumps(described, default=str))
-
-
-def train_with_options(train_chunk, state, steps: int, options: Mapping[str, Any], *, resume: bool, progress: bool,
-                       description: str, evaluate=None, run: Mapping[str, Any] | None = None):
-    """:func:`cellflow.train.run_training` with the loop options every learned method shares
-    (``chunk``, ``eval_every``, ``patience``, ``checkpoint_dir``, ``checkpoint_every``); ``run``
-    (see :func:`run_description`) guards resumes against another run's checkpoints."""
-    return run_training(
-        train_chunk,
-        state,
-        steps,
-        chunk_size(steps, options["chunk"]),
-        evaluate=evaluate,
-        eval_every=options["eval_every"],
-        patience=options["patience"],
-        checkpoint_dir=options["checkpoint_dir"],
-        checkpoint_every=options["checkpoint_every"],
-        resume=resume,
-        progress=progress,
-        description=description,
-        run=run,
-    )
-
-
 def _combine_rule(rule: str, condition: Condition, spec: DataSpec, unseen_interaction: bool = True) -> str:
     """``"auto"``: integrate the summed fields for a combination of members trained together (the
     flow the loss fitted), and add each member's own displacement for a new combination (each
@@ -530,68 +372,3 @@ def _combine_rule(rule: str, condition: Condition, spec: DataSpec, unseen_intera
     if condition.members in seen:
         return "velocities"
     return "displacements" if unseen_interaction else "members"
-
-
-def _bucket(n: int) -> int:
-    """Pad cell counts to powers of two (>= 256) so that predictions reuse compiled code."""
-    return max(256, 1 << (int(n) - 1).bit_length())
-
-
-def _known_covariates(spec: DataSpec, covariates: tuple[str | None, ...]) -> tuple[str | None, ...]:
-    """Covariate values never seen with treated cells are unknown to the model (a new patient)."""
-    known = [set(spec.groups[key]) for key in spec.covariate_keys]
-    return tuple(v if v in k else None for v, k in zip(covariates, known))
-
-
-def _split_validation(data: PerturbationData, fraction: float, rng: np.random.Generator):
-    """Hold out ``fraction`` of each group's treated cells (groups keep at least 2 training cells)."""
-    train, held = [], []
-    for index in data.group_index:
-        shuffled = rng.permutation(index)
-        n_val = min(int(round(fraction * len(index))), max(len(index) - 2, 0))
-        held.append(shuffled[:n_val])
-        train.append(shuffled[n_val:])
-    return dataclasses.replace(data, group_index=tuple(train)), dataclasses.replace(data, group_index=tuple(held))
-
-
-def _validation_scorer(
-    graphdef, validation: PerturbationData, embeddings, spec, batch_size, rng, prior=None, max_groups: int = 32, move=None,
-    combine: str = "velocities",
-):
-    """``ema -> mean energy distance`` over up to ``max_groups`` held-out groups (one jitted call).
-
-    ``move(graphdef, params, start, condition, source) -> prediction`` pushes one group's batch;
-    the default integrates the flow-matching ODE with 8 Euler steps, combining members by ``combine``.
-    """
-    groups = [g for g, index in enumerate(validation.group_index) if len(index) >= 2]
-    groups = sorted(rng.choice(groups, size=min(max_groups, len(groups)), replace=False).tolist()) if groups else []
-    if not groups:
-        return None
-    if move is None:
-        def move(graphdef, params, start, condition, source):
-            return fm.integrate(graphdef, params, start, condition, source, "euler", 8, combine=combine)
-
-    def draw(cells: np.ndarray) -> np.ndarray:
-        return cells[rng.integers(0, len(cells), batch_size)]
-
-    sources = np.stack([draw(validation.source_cells(g)) for g in groups])
-    targets = np.stack([draw(validation.target_cells(g)) for g in groups])
-    starts = sources
-    if prior is not None:
-        starts = np.stack([np.asarray(baselines.push_group(prior, jnp.asarray(x), g)) for x, g in zip(sources, groups)])
-    encoded = [
-        encode_condition(
-            spec.group_conditions[g], spec.group_covariates[g], embeddings, spec.covariate_values, spec.max_members
-        )
-        for g in groups
-    ]
-    conditions = jax.tree.map(lambda *leaves: jnp.asarray(np.stack(leaves)), *encoded)
-
-    @jax.jit
-    def score(params, starts, sources, targets, conditions):
-        def one(start, source, target, condition):
-            return fm.energy_distance(move(graphdef, params, start, condition, source), target)
-
-        return jnp.mean(jax.vmap(one)(starts, sources, targets, conditions))
-
-    return lambda params: score(params, jnp.asarray(starts), jnp.asarray(sources), jnp.asarray(targets), conditions)

@@ -22,23 +22,12 @@ from cellflow.data import (
     encode_condition,
 )
 from cellflow.methods._base import Method, Option
-from cellflow.methods._flow_matching import (
-    _bucket,
-    _fraction,
-    _known_covariates,
-    _non_negative,
-    _one_of,
-    _positive,
-    _positive_int,
-    _split_validation,
-    _validation_scorer,
-    build_response_field,
-    params_from_arrays,
-    params_to_arrays,
-    response_field_options,
-    training_loop_options,
-    run_description,
-    train_with_options,
+from cellflow.methods._learned import (
+    bucket, build_response_field, known_covariates, params_from_arrays, params_to_arrays, run_description,
+    split_validation, train_with_options, validation_scorer,
+)
+from cellflow.methods._options import (
+    fraction, non_negative, one_of, positive, positive_int, response_field_options, training_loop_options,
 )
 from cellflow.methods import _subspace as subspaces
 from cellflow.nn import ResponseField
@@ -129,33 +118,33 @@ class NeuralOT(Method):
     summary = "neural Monge maps: conditional (CondOT-style, Monge gap) or per-condition ICNN duals (CellOT)"
     default_steps = 2000
     options = {
-        "map": Option("conditional", f"'conditional' (one network, Monge gap) or 'per_condition' (ICNN duals): {list(_MAPS)}", _one_of(*_MAPS)),
+        "map": Option("conditional", f"'conditional' (one network, Monge gap) or 'per_condition' (ICNN duals): {list(_MAPS)}", one_of(*_MAPS)),
         # conditional map
         **response_field_options("the map network", centre=True),
-        "conditions_per_step": Option(8, "treated groups per training step (conditional map)", _positive_int),
-        "epsilon": Option(0.05, "Sinkhorn regularisation of the fit and Monge gap, relative to the source spread (mean squared distance)", _positive),
-        "monge_gap": Option(1.0, "weight of the Monge-gap regulariser (conditional map)", _non_negative),
+        "conditions_per_step": Option(8, "treated groups per training step (conditional map)", positive_int),
+        "epsilon": Option(0.05, "Sinkhorn regularisation of the fit and Monge gap, relative to the source spread (mean squared distance)", positive),
+        "monge_gap": Option(1.0, "weight of the Monge-gap regulariser (conditional map)", non_negative),
         "fit": Option(
             "sinkhorn_divergence",
             "fitting loss of the conditional map: 'sinkhorn_divergence' (mapped cells vs target) or 'barycentric' (regress the OT plan's barycentric projection)",
-            _one_of("sinkhorn_divergence", "barycentric"),
+            one_of("sinkhorn_divergence", "barycentric"),
         ),
-        "covariate_dropout": Option(0.1, "probability of hiding a covariate value in training", _fraction),
-        "group_weighting": Option("uniform", "draw groups 'uniform'ly or by 'size'", _one_of("uniform", "size")),
-        "population_size": Option(256, "source cells summarised at prediction time", _positive_int),
-        "validation_fraction": Option(0.0, "share of each group's cells held out for early stopping (conditional map)", _fraction),
-        "eval_every": Option(500, "steps between validation evaluations", _positive_int),
-        "patience": Option(5, "evaluations without improvement before stopping", _positive_int),
+        "covariate_dropout": Option(0.1, "probability of hiding a covariate value in training", fraction),
+        "group_weighting": Option("uniform", "draw groups 'uniform'ly or by 'size'", one_of("uniform", "size")),
+        "population_size": Option(256, "source cells summarised at prediction time", positive_int),
+        "validation_fraction": Option(0.0, "share of each group's cells held out for early stopping (conditional map)", fraction),
+        "eval_every": Option(500, "steps between validation evaluations", positive_int),
+        "patience": Option(5, "evaluations without improvement before stopping", positive_int),
         # per-condition ICNN duals
         "hidden": Option([64, 64, 64, 64], "hidden widths of the ICNN potentials (per_condition)", _hidden),
-        "inner_steps": Option(5, "conjugate-potential updates per potential update (per_condition)", _positive_int),
-        "init": Option("gaussian", "ICNN start: 'gaussian' (Bures map) or 'identity' (per_condition)", _one_of("gaussian", "identity")),
-        "init_scale": Option(0.01, "std of the ICNN hidden weights at initialisation (per_condition)", _non_negative),
+        "inner_steps": Option(5, "conjugate-potential updates per potential update (per_condition)", positive_int),
+        "init": Option("gaussian", "ICNN start: 'gaussian' (Bures map) or 'identity' (per_condition)", one_of("gaussian", "identity")),
+        "init_scale": Option(0.01, "std of the ICNN hidden weights at initialisation (per_condition)", non_negative),
         # shared
-        "learning_rate": Option(1e-3, "learning rate (conditional: peak of warm-up and cosine decay; per_condition: constant)", _non_negative),
-        "weight_decay": Option(0.0, "AdamW weight decay (conditional map)", _non_negative),
-        "warmup": Option(200, "warm-up steps (conditional map)", _non_negative),
-        "ema_decay": Option(0.999, "EMA decay of the weights used to predict", _fraction),
+        "learning_rate": Option(1e-3, "learning rate (conditional: peak of warm-up and cosine decay; per_condition: constant)", non_negative),
+        "weight_decay": Option(0.0, "AdamW weight decay (conditional map)", non_negative),
+        "warmup": Option(200, "warm-up steps (conditional map)", non_negative),
+        "ema_decay": Option(0.999, "EMA decay of the weights used to predict", fraction),
         **training_loop_options(", conditional map"),
         "subspace": subspaces.subspace_option("the maps"),
     }
@@ -204,7 +193,7 @@ class NeuralOT(Method):
         rng = np.random.default_rng(seed)
         train_data, validation = data, None
         if options["validation_fraction"] > 0:
-            train_data, validation = _split_validation(data, options["validation_fraction"], rng)
+            train_data, validation = split_validation(data, options["validation_fraction"], rng)
         arrays = build_training_arrays(train_data, embeddings, group_weighting=options["group_weighting"])
         key = jax.random.key(seed)
         model = self.build(data.spec, embeddings.dim, options, seed)
@@ -263,12 +252,12 @@ class NeuralOT(Method):
 
     def _predict_map(self, state, spec, embeddings, options, source, condition, covariates, key) -> np.ndarray:
         arrays = encode_condition(
-            condition, _known_covariates(spec, covariates), embeddings, spec.covariate_values,
+            condition, known_covariates(spec, covariates), embeddings, spec.covariate_values,
             max(spec.max_members, len(condition)),
         )
         n = source.shape[0]
         population = source[np.asarray(jax.random.randint(key, (options["population_size"],), 0, n))]
-        x = np.zeros((_bucket(n), source.shape[1]), np.float32)
+        x = np.zeros((bucket(n), source.shape[1]), np.float32)
         x[:n] = source
         y = neural_ot.push_map(state.graphdef, state.params, jnp.asarray(x), jax.tree.map(jnp.asarray, arrays), jnp.asarray(population))
         return np.asarray(y[:n])
@@ -286,7 +275,7 @@ class NeuralOT(Method):
         index = state.conditions.index(condition)
         params = jax.tree.map(lambda leaf: leaf[index], state.params_f)
         n = source.shape[0]
-        x = np.zeros((_bucket(n), source.shape[1]), np.float32)
+        x = np.zeros((bucket(n), source.shape[1]), np.float32)
         x[:n] = source
         config = self._dual_config(options, 1)
         y = neural_ot.transport(params, state.shift[index], state.scale[index], jnp.asarray(x), config)
@@ -325,4 +314,4 @@ def _map_validation_scorer(graphdef, validation: PerturbationData, embeddings, s
         model = nnx.merge(graphdef, params)
         return neural_ot.map_cells(model, start, model.encode(condition, source))
 
-    return _validation_scorer(graphdef, validation, embeddings, spec, batch_size, rng, max_groups=max_groups, move=move)
+    return validation_scorer(graphdef, validation, embeddings, spec, batch_size, rng, max_groups=max_groups, move=move)

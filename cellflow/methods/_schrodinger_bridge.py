@@ -24,24 +24,13 @@ from cellflow.data import (
     encode_condition,
 )
 from cellflow.methods._base import Method, Option
-from cellflow.methods._flow_matching import (
-    _bucket,
-    _fraction,
-    _known_covariates,
-    _non_negative,
-    _one_of,
-    _positive,
-    _positive_int,
-    _split_validation,
-    _unit_interval,
-    _validation_scorer,
-    build_response_field,
-    params_from_arrays,
-    params_to_arrays,
-    response_field_options,
+from cellflow.methods._learned import (
+    bucket, build_response_field, known_covariates, params_from_arrays, params_to_arrays, run_description,
+    split_validation, train_with_options, validation_scorer,
+)
+from cellflow.methods._options import (
+    fraction, non_negative, one_of, positive, positive_int, unit_interval, response_field_options,
     training_loop_options,
-    run_description,
-    train_with_options,
 )
 from cellflow.methods import _subspace as subspaces
 from cellflow.nn import BridgeField
@@ -105,25 +94,25 @@ class SchrodingerBridge(Method):
     supports_time = True
     supports_pairs = True
     options = {
-        "sigma": Option(1.0, "reference Brownian noise (units of the representation); epsilon = 2 sigma^2", _positive),
+        "sigma": Option(1.0, "reference Brownian noise (units of the representation); epsilon = 2 sigma^2", positive),
         **response_field_options("the velocity and score fields"),
-        "coupling": Option("entropic", "'entropic' (Sinkhorn, epsilon = 2 sigma^2) or 'independent'", _one_of("entropic", "independent")),
-        "tau_a": Option(1.0, "source unbalancedness of the coupling (1 = balanced)", _unit_interval),
-        "tau_b": Option(1.0, "target unbalancedness of the coupling (1 = balanced)", _unit_interval),
-        "score_weight": Option(1.0, "weight of the score-matching loss", _non_negative),
-        "learning_rate": Option(1e-3, "peak learning rate (AdamW, warm-up, cosine decay)", _non_negative),
-        "weight_decay": Option(0.0, "AdamW weight decay", _non_negative),
-        "warmup": Option(200, "warm-up steps", _non_negative),
-        "conditions_per_step": Option(8, "training groups per step", _positive_int),
-        "ema_decay": Option(0.999, "EMA decay of the weights used to predict", _fraction),
-        "covariate_dropout": Option(0.1, "probability of hiding a covariate value in training", _fraction),
-        "group_weighting": Option("uniform", "draw groups 'uniform'ly or by 'size'", _one_of("uniform", "size")),
-        "sampler": Option("sde", "'sde' (Euler–Maruyama, stochastic) or 'ode' (probability flow, Heun)", _one_of("sde", "ode")),
-        "n_steps": Option(64, "integration steps over the whole clock", _positive_int),
-        "population_size": Option(256, "source cells summarised at prediction time", _positive_int),
-        "validation_fraction": Option(0.0, "share of each group's cells held out for early stopping", _fraction),
-        "eval_every": Option(500, "steps between validation evaluations", _positive_int),
-        "patience": Option(5, "evaluations without improvement before stopping", _positive_int),
+        "coupling": Option("entropic", "'entropic' (Sinkhorn, epsilon = 2 sigma^2) or 'independent'", one_of("entropic", "independent")),
+        "tau_a": Option(1.0, "source unbalancedness of the coupling (1 = balanced)", unit_interval),
+        "tau_b": Option(1.0, "target unbalancedness of the coupling (1 = balanced)", unit_interval),
+        "score_weight": Option(1.0, "weight of the score-matching loss", non_negative),
+        "learning_rate": Option(1e-3, "peak learning rate (AdamW, warm-up, cosine decay)", non_negative),
+        "weight_decay": Option(0.0, "AdamW weight decay", non_negative),
+        "warmup": Option(200, "warm-up steps", non_negative),
+        "conditions_per_step": Option(8, "training groups per step", positive_int),
+        "ema_decay": Option(0.999, "EMA decay of the weights used to predict", fraction),
+        "covariate_dropout": Option(0.1, "probability of hiding a covariate value in training", fraction),
+        "group_weighting": Option("uniform", "draw groups 'uniform'ly or by 'size'", one_of("uniform", "size")),
+        "sampler": Option("sde", "'sde' (Euler–Maruyama, stochastic) or 'ode' (probability flow, Heun)", one_of("sde", "ode")),
+        "n_steps": Option(64, "integration steps over the whole clock", positive_int),
+        "population_size": Option(256, "source cells summarised at prediction time", positive_int),
+        "validation_fraction": Option(0.0, "share of each group's cells held out for early stopping", fraction),
+        "eval_every": Option(500, "steps between validation evaluations", positive_int),
+        "patience": Option(5, "evaluations without improvement before stopping", positive_int),
         **training_loop_options(),
         "subspace": subspaces.subspace_option("the bridge (not with time_key)"),
     }
@@ -171,7 +160,7 @@ class SchrodingerBridge(Method):
         outside, data = subspaces.enter_subspace(data, embeddings, subspace)
         train_data, validation = data, None
         if options["validation_fraction"] > 0:
-            train_data, validation = _split_validation(data, options["validation_fraction"], rng)
+            train_data, validation = split_validation(data, options["validation_fraction"], rng)
         populations = build_training_arrays(train_data, embeddings, group_weighting=options["group_weighting"])
         arrays, intervals = populations, None
         if data.partners is not None:
@@ -195,7 +184,7 @@ class SchrodingerBridge(Method):
                 key = jax.random.key(0)
                 return sb.simulate(graphdef, params, start, condition, source, key, jnp.ones(1), sigma=sigma, sde=sde, n_steps=n_steps)[-1]
 
-            evaluate = _validation_scorer(graphdef, validation, embeddings, data.spec, batch_size, rng, move=move)
+            evaluate = validation_scorer(graphdef, validation, embeddings, data.spec, batch_size, rng, move=move)
         result = train_with_options(
             train_chunk, state, steps, options, evaluate=evaluate, resume=resume, progress=progress,
             description="Schrödinger bridge", run=run,
@@ -211,14 +200,14 @@ class SchrodingerBridge(Method):
 
     def predict_path(self, state, spec, embeddings, options, source, condition, covariates, key, clock) -> np.ndarray:
         arrays = encode_condition(
-            condition, _known_covariates(spec, covariates), embeddings, spec.covariate_values,
+            condition, known_covariates(spec, covariates), embeddings, spec.covariate_values,
             max(spec.max_members, len(condition)),
         )
         n = source.shape[0]
         cells = subspaces.to_subspace(state.subspace, source)
         key_population, key_path = jax.random.split(key)
         population = cells[np.asarray(jax.random.randint(key_population, (options["population_size"],), 0, n))]
-        padded = _bucket(n)
+        padded = bucket(n)
         x = np.zeros((padded, cells.shape[1]), np.float32)
         x[:n] = cells
         ys = sb.push(
