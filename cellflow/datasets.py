@@ -70,7 +70,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from cellflow._errors import CellflowKeyError, CellflowValueError, format_choices
+from cellflow._errors import CellflowKeyError, CellflowValueError, format_choices, user_stacklevel
 
 __all__ = ["SyntheticTruth", "synthetic", "time_course", "read", "read_embeddings", "format_dose", "CONTROL", "SUPPORTED_SUFFIXES"]
 
@@ -908,7 +908,7 @@ def _npz_to_anndata(path: Path, obs_columns: Sequence[str] | None, features_key:
         warnings.warn(
             f"read: arrays {sorted(misshapen)} of {str(path)!r} are not per-row metadata (shapes {misshapen}) and are skipped.",
             UserWarning,
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
         wanted = [c for c in wanted if c not in misshapen]
     index = pd.Index([str(v) for v in obs_names] if obs_names is not None else [str(i) for i in range(n)])

@@ -475,7 +475,7 @@ class ResponseModel:
                 f"no dose given for {format_choices(sorted(set(undosed)))}, so they are predicted at dose 1 (for "
                 f"each member, the nearest dose seen in training on a log scale); pass dose= to choose.",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=user_stacklevel(),
             )
         groups: dict[tuple, list[int]] = {}
         for i, values in enumerate(cell_covariates):
@@ -544,7 +544,7 @@ class ResponseModel:
                 f"if they were untreated. Pass source[source.obs[{self.perturbation_key!r}] == {self.control!r}] to "
                 "start from the controls.",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=user_stacklevel(),
             )
 
     def _times(self, time) -> np.ndarray | None:

@@ -261,3 +261,37 @@ def test_tab_completion_lists_the_public_names(name):
     }
     assert public == exported
     assert all(hasattr(module, n) for n in module.__all__)
+
+
+def _counts(adata):
+    counts = adata.copy()
+    counts.X = np.random.default_rng(0).poisson(3.0, size=counts.shape).astype(np.float32)
+    return counts
+
+
+def _without_p2_controls(adata):
+    return adata[~((adata.obs.condition == "control") & (adata.obs.patient == "P2"))].copy()
+
+
+def _log_normalised(adata):
+    adata = _counts(adata)
+    adata.layers["logcounts"] = np.log1p(adata.X)
+    return adata
+
+
+@pytest.mark.parametrize(
+    "trigger, message",
+    [
+        (lambda toy, model: cf.ResponseModel(_counts(toy), rep="X", method="mean_shift"), "looks like raw counts"),
+        (lambda toy, model: cf.ResponseModel(_without_p2_controls(toy), rep="X", covariate_keys=("patient",), method="mean_shift"),
+         "have no control cells with the same covariate values"),
+        (lambda toy, model: cf.pp.log_normalize(_log_normalised(toy), layer="logcounts"), "does not look like raw counts"),
+        (lambda toy, model: model.predict(controls(toy), "A", dose=1000.0), "doses outside those seen in training"),
+    ],
+    ids=["raw counts", "no matching controls", "log_normalize twice", "dose out of range"],
+)
+def test_warnings_point_at_the_users_line(toy, model, trigger, message):
+    # however deep in the library a warning arises, it names the line of the caller's code
+    with pytest.warns(UserWarning, match=message) as caught:
+        trigger(toy, model)
+    assert {w.filename for w in caught if message in str(w.message)} == {__file__}

@@ -323,7 +323,7 @@ def prepare(
                 f"earliest control time {time_range[0]:g}; the process starts from the earliest controls, so "
                 f"these are not used.",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=user_stacklevel(),
             )
             # ``table`` keeps its row positions as index, so dropping rows keeps indices into ``cells``.
             table = table[~late_controls]
@@ -353,7 +353,7 @@ def prepare(
             f"{list(covariate_keys)} (e.g. {fallback[list(covariate_keys)].iloc[0].tolist()}); they are paired "
             f"with all control cells instead.",
             UserWarning,
-            stacklevel=2,
+            stacklevel=user_stacklevel(),
         )
 
     members = sorted({m for c in parsed for m in c.members})
@@ -430,7 +430,7 @@ def parse_obs_conditions(adata: ad.AnnData, perturbation_key: str, control: str,
             f"adata.obs[{perturbation_key!r}] holds {format_choices(look_alikes)}, which differ from control={control!r} "
             "only in case, so they are treated as a perturbation; rename them if they are control cells.",
             UserWarning,
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
     doses = adata.obs[dose_key].to_numpy() if dose_key is not None else np.full(adata.n_obs, None, dtype=object)
     # Parse each distinct (label, dose) pair once: tables have millions of cells but few conditions.
@@ -460,7 +460,7 @@ def parse_obs_conditions(adata: ad.AnnData, perturbation_key: str, control: str,
             "written as text (e.g. by .astype(str)); it is treated as a perturbation. Drop those cells, or keep "
             "the column's missing values as NaN, which are refused with the cells named.",
             UserWarning,
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
     conditions = ObsConditions(unique, codes)
     if dose_key is not None:

@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 from jax import lax
 
-from cellflow._errors import CellflowKeyError, CellflowValueError, format_choices
+from cellflow._errors import CellflowKeyError, CellflowValueError, format_choices, user_stacklevel
 from cellflow.data._representation import _counts_verdict, _sampled_values, default_representation, get_representation
 
 __all__ = [
@@ -458,7 +458,7 @@ def sinkhorn_divergence(
             f"sinkhorn_divergence: Sinkhorn did not converge for epsilon={epsilon!r}; "
             "the value is approximate (try a larger epsilon or a scale_cost such as 'mean').",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=user_stacklevel(),
         )
     return value
 
@@ -890,7 +890,7 @@ def evaluate(
             "their sinkhorn_divergence is approximate. Energy distance and MMD need no iterations; for another "
             "regularisation call cellflow.metrics.sinkhorn_divergence(x, y, epsilon=..., scale_cost='mean') per group.",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=user_stacklevel(),
         )
 
     if fallback:
@@ -898,7 +898,7 @@ def evaluate(
             f"evaluate: no control cell matches control_match={match_cols!r} for groups "
             f"{format_choices(fallback, limit=10)}; all {c_all.shape[0]} control cells were used for them.",
             UserWarning,
-            stacklevel=2,
+            stacklevel=user_stacklevel(),
         )
     columns = [*group_cols, "n_pred", "n_truth", *(["n_control"] if control is not None else []), *names]
     return pd.DataFrame(rows, columns=columns)
@@ -921,7 +921,7 @@ def _warn_if_scales_differ(pred_values: np.ndarray, truth_values: np.ndarray, re
             f"evaluate: rep={rep!r} holds raw counts in truth ({truth_evidence}) but not in pred ({pred_evidence}): "
             f"the metrics would mostly measure the change of scale; {hint}.",
             UserWarning,
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
 
 

@@ -21,7 +21,7 @@ import pandas as pd
 import scanpy as sc
 import scipy.sparse as sp
 
-from cellflow._errors import CellflowKeyError, CellflowValueError, format_choices
+from cellflow._errors import CellflowKeyError, CellflowValueError, format_choices, user_stacklevel
 from cellflow.data._representation import _counts_check, _values, feature_columns, get_representation
 from cellflow.pp._features import feature_table
 
@@ -143,7 +143,7 @@ def log_normalize(
             "log-transformed, and log_normalize would normalise and log it again. Pass the layer holding the raw "
             f"counts (layer=...), or skip log_normalize if {source!r} is already log-normalised.",
             UserWarning,
-            stacklevel=2,
+            stacklevel=user_stacklevel(),
         )
 
     work = ad.AnnData(X=_float_copy(matrix))
@@ -242,7 +242,7 @@ def pca(
             "library size and a few highly expressed genes. Run cellflow.pp.log_normalize first and pass "
             f"rep='logcounts'.{hvg_note}",
             UserWarning,
-            stacklevel=2,
+            stacklevel=user_stacklevel(),
         )
     matrix = _float_copy(matrix)
     var_names = np.asarray(adata.var_names, dtype=object)
@@ -680,7 +680,7 @@ def top_degs(
         warnings.warn(
             f"top_degs skipped {len(skipped)} perturbation/stratum pair(s) with too few cells: {format_choices(skipped)}.",
             UserWarning,
-            stacklevel=2,
+            stacklevel=user_stacklevel(),
         )
     return result
 
