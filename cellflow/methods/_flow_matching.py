@@ -67,7 +67,12 @@ class FlowMatching(Method):
     8 conditions x 128 cells, width 128, depth 3, learning rate 1e-3 with warm-up and cosine
     decay, Sinkhorn epsilon 0.01 of the mean cost, EMA 0.999, Heun with 16 steps to predict.
     About two minutes on two CPU cores; the cost per step does not grow with the number of
-    cells, so larger data sets need more steps rather than more time per step.
+    cells, so larger data sets need more steps rather than more time per step. How much more:
+    on a synthetic screen of 480 groups (40 drugs x 3 doses x 4 patients, 73,600 cells, 20-d),
+    seen groups scored against 1,000 true cells each (mean of 24), the defaults' 2,000 steps
+    (70 s) gave an energy distance of 0.051 and 8,000 steps (256 s) 0.045, against mean_shift's
+    0.124 and a noise floor of 0.029: the defaults get most of the way, and four times the steps
+    buy about a tenth.
 
     The training points lie on a Brownian bridge between each coupled pair (``path="brownian"``)
     with ``sigma=2`` control-cell spreads (the root mean square of the per-feature standard
