@@ -72,7 +72,7 @@ class FlowMatching(Method):
     seen groups scored against 1,000 true cells each (mean of 24), the defaults' 2,000 steps
     (70 s) gave an energy distance of 0.051 and 8,000 steps (256 s) 0.045, against mean_shift's
     0.124 and a noise floor of 0.029: the defaults get most of the way, and four times the steps
-    buy about a tenth.
+    buy about a tenth (``python benchmarks/flow_matching_steps.py``).
 
     The training points lie on a Brownian bridge between each coupled pair (``path="brownian"``)
     with ``sigma=2`` control-cell spreads (the root mean square of the per-feature standard
