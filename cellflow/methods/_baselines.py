@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Mapping
 from typing import Any
 
@@ -40,8 +41,9 @@ class _AffineBaseline(Method):
 
     covariances = False
 
+    @abc.abstractmethod
     def _fit_response(self, moments: baselines.GroupMoments) -> baselines.AffineResponse:
-        raise NotImplementedError
+        """The per-group affine displacements from the groups' source and target moments."""
 
     def fit(self, data: PerturbationData, embeddings, options, *, steps, batch_size, seed, progress, resume=False):
         pools = [data.cells[index] for index in data.pool_index]
