@@ -117,6 +117,23 @@ def _check_out_dir(path: str, overwrite: bool) -> None:
         raise CellflowValueError(f"--out {path!r}: {str(folder)!r} is not a writable folder, so the model cannot be saved there.")
 
 
+def _options(args) -> int:
+    from cellflow.methods import METHODS, options_table
+
+    if args.method not in METHODS:
+        from cellflow._errors import CellflowKeyError
+
+        raise CellflowKeyError(f"{args.method!r} is not a method; valid choices: {sorted(METHODS)}.")
+    table = options_table(args.method)
+    if table.empty:
+        print(f"method {args.method!r} takes no options.")
+        return 0
+    width = max(len(name) for name in table.index)
+    for name, row in table.iterrows():
+        print(f"{name:<{width}}  {row['default']!r:<14}  {row['description']}")
+    return 0
+
+
 def _demo(args) -> int:
     from cellflow._demo import run_demo
 
@@ -493,6 +510,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="methods to compare (default: identity, mean_shift, gaussian_ot and flow_matching)")
     demo.set_defaults(func=_demo)
 
+    options = sub.add_parser("options", help="list a method's options with their defaults and meaning")
+    options.add_argument("method", nargs="?", default="flow_matching", help="method name (default: %(default)s)")
+    options.set_defaults(func=_options)
+
     train = sub.add_parser("train", help="fit a ResponseModel on an h5ad/csv/parquet file and save it")
     train.add_argument("data", help="h5ad/csv/parquet of the training cells, controls and treated")
     train.add_argument("--out", required=True, help="model directory (missing folders are created)")
@@ -591,6 +612,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (CellflowKeyError, CellflowValueError, FileNotFoundError, FileExistsError) as err:
             print(f"cellflow {args.command}: error: {_in_flags(str(err), parser, args.command)}", file=sys.stderr)
             return 2
+        except BrokenPipeError:
+            # the reader went away (`cellflow options | head`): say nothing more, as a shell tool does
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 1
 
 
 if __name__ == "__main__":

@@ -126,7 +126,9 @@ class ResponseModel:
         Methods that learn from aligned pairs (``"schrodinger_bridge"``, then an SBAlign-style
         bridge through the known pairs) use it instead of an OT coupling.
     **options
-        Method hyper-parameters, validated against the method's documented options.
+        Method hyper-parameters, validated against the method's documented options:
+        ``cf.methods.options_table(method)`` lists them with their defaults and meaning
+        (``cellflow options METHOD`` at a shell).
 
     Examples
     --------

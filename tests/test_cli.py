@@ -251,3 +251,23 @@ def test_cli_bench_reports_bad_requests(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["bench", str(data), "--hold-out-conditions", "A", "--hold-out-doses", "10"])
     assert exit_info.value.code == 2
+
+
+def test_options_are_listed_with_defaults_and_meaning(capsys):
+    table = cf.methods.options_table("flow_matching")
+    assert list(table.columns) == ["default", "description"]
+    assert table.loc["epsilon", "default"] == 0.01 and "Sinkhorn" in table.loc["epsilon", "description"]
+    # exactly what ResponseModel validates against: every listed option is accepted, nothing else is
+    assert set(table.index) == set(cf.methods.get_method("flow_matching").options)
+    assert cf.methods.options_table("identity").empty
+    with pytest.raises(cf.CellflowKeyError, match="valid choices"):
+        cf.methods.options_table("flow_matchin")
+
+    assert main(["options", "schrodinger_bridge"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(cf.methods.options_table("schrodinger_bridge"))
+    assert lines[0].split()[:2] == ["sigma", "1.0"]
+    assert main(["options", "identity"]) == 0
+    assert "takes no options" in capsys.readouterr().out
+    assert main(["options", "flow_matchin"]) == 2
+    assert "'flow_matchin' is not a method; valid choices" in capsys.readouterr().err
