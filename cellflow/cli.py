@@ -117,13 +117,25 @@ def _check_out_dir(path: str, overwrite: bool) -> None:
         raise CellflowValueError(f"--out {path!r}: {str(folder)!r} is not a writable folder, so the model cannot be saved there.")
 
 
-def _options(args) -> int:
-    from cellflow.methods import METHODS, options_table
+def _check_methods(names: Sequence[str], flag: str = "") -> None:
+    """Raise, naming ``flag`` (as the user typed it) and the valid choices, if a name is not a method.
 
-    if args.method not in METHODS:
+    Here rather than through :func:`cellflow.methods.get_method`, whose message names the
+    ``method=`` argument of ``ResponseModel``, which these commands do not have.
+    """
+    from cellflow.methods import METHODS
+
+    unknown = [name for name in names if name not in METHODS]
+    if unknown:
         from cellflow._errors import CellflowKeyError
 
-        raise CellflowKeyError(f"{args.method!r} is not a method; valid choices: {sorted(METHODS)}.")
+        raise CellflowKeyError(f"{flag}{unknown[0]!r} is not a method; valid choices: {sorted(METHODS)}.")
+
+
+def _options(args) -> int:
+    from cellflow.methods import options_table
+
+    _check_methods([args.method])
     table = options_table(args.method)
     if table.empty:
         print(f"method {args.method!r} takes no options.")
@@ -139,13 +151,7 @@ def _demo(args) -> int:
 
     methods = None if args.methods is None else tuple(args.methods)
     if methods is not None:
-        from cellflow.methods import METHODS
-
-        unknown = [m for m in methods if m not in METHODS]
-        if unknown:
-            from cellflow._errors import CellflowKeyError
-
-            raise CellflowKeyError(f"--methods {unknown[0]!r} is not a method; valid choices: {sorted(METHODS)}.")
+        _check_methods(methods, "--methods ")
     run_demo(args.out, seed=args.seed, steps=args.steps, plot=not args.no_plot, methods=methods)
     return 0
 
@@ -413,6 +419,7 @@ def _bench_summary(table: pd.DataFrame, metrics: Sequence[str]) -> dict[str, dic
 def _bench(args) -> int:
     _check_out_file(args.out)
     metrics = args.metric or list(BENCH_METRICS)
+    _check_methods(args.methods, "--methods ")
     options = _method_options(args.methods, _key_values(args.option, "--option"))  # before any work
     split, model_args, kind = _bench_data(args)
     groups = _held_out_groups(split.test, model_args)

@@ -422,9 +422,10 @@ class ResponseModel:
         AnnData with one predicted cell per source cell per condition (and per time), holding
         the prediction in the model's ``rep`` (``X``, the layer, or ``obsm``; with a layer, ``X``
         holds a copy of it; with ``obsm``, ``X`` is an empty ``(n, 0)`` matrix; either way
-        :func:`anndata.concat` with observed cells keeps the prediction), ``obs`` copied from the source with ``obs[perturbation_key]``
-        (and ``obs[dose_key]`` written as the training data wrote doses, ``obs[time_key]``, the
-        ``covariates``) set, and ``uns["cellflow"]`` recording the method, the ``rep`` and the
+        :func:`anndata.concat` with observed cells keeps the prediction), ``obs`` copied from the
+        source with ``obs[perturbation_key]`` (and ``obs[dose_key]`` written as the training
+        data wrote doses, ``obs[time_key]``, the ``covariates``) set, and ``uns["cellflow"]``
+        recording the method, the ``rep`` and the
         ``obs`` columns that tell the predicted conditions apart (``"groupby"``, what
         :func:`cellflow.metrics.evaluate` should group by). Cells are named
         ``"{source name}-{condition}"`` (the condition as ``obs`` writes it), with ``"@{dose}"``
