@@ -8,6 +8,9 @@ Tasks (see ../shared/data/README.md for provenance):
   50 DEGs after decoding to genes.
 - ``kang_patient_genes``: the same split, fitted and scored on the 1,267 log-count genes
   (R² over the top 50 DEGs directly, nothing to decode).
+- ``kang_celltypes``: the same data (both patients), every cell type held out in turn (five
+  folds, one model each): predict its stimulated cells from its control cells, scored per
+  patient (ten cases), in the same 50-d PCA and top-50-DEG spaces.
 - ``scgen_cd4t``: Kang 2018 as preprocessed for scGen; hold out stimulated CD4T cells.
 - ``scgen_cd4t_genes``: the same, fitted and scored on scGen's 6,998 normalised genes.
 - ``scgen_celltypes``: the same data, every cell type held out in turn (scGen's whole
@@ -21,8 +24,8 @@ Tasks (see ../shared/data/README.md for provenance):
   perturbation embedding: a one-hot code of its mechanism of action. Unseen drugs: the learned
   methods read the embedding, the baselines take the compounds of the same mechanism.
 
-    python experiments/run.py [--tasks kang_patient kang_patient_genes scgen_cd4t scgen_cd4t_genes scgen_celltypes
-                                       bbbc021_dose bbbc021_compound]
+    python experiments/run.py [--tasks kang_patient kang_patient_genes kang_celltypes scgen_cd4t
+                                       scgen_cd4t_genes scgen_celltypes bbbc021_dose bbbc021_compound]
                               [--methods identity mean_shift gaussian_ot flow_matching neural_ot
                                          neural_ot:map=per_condition] [--seeds 0 1 2]
                               [--steps N] [--option key=value ...] [--data ../shared/data] [--out results.csv]
@@ -76,6 +79,36 @@ def kang_patient(data: Path) -> Task:
         rep="X_pca",
         reference=adata,
         deg_key="logcounts",
+    )
+
+
+def kang_celltypes(data: Path) -> list[Task]:
+    adata = cf.pp.pca(cf.datasets.read(data / "kang2018_muscat_example_sce.h5ad"), 50, rep="logcounts")
+    return [_kang_celltype_fold(adata, str(cell_type)) for cell_type in adata.obs.cluster_id.cat.categories]
+
+
+def _kang_celltype_fold(adata: ad.AnnData, cell_type: str) -> Task:
+    train, test = cf.data.split_covariates(
+        adata, {"cluster_id": cell_type}, perturbation_key="group_id", control="ctrl"
+    )
+    degs = cf.pp.top_degs(train, "group_id", "ctrl", n_genes=50, rep="logcounts")["stim"]
+    cases = []
+    for patient in test.obs.patient.cat.categories:
+        cells = test[(test.obs.patient == patient).to_numpy()]
+        # one case per patient: the two patients respond differently, and pooling them would
+        # score a patient mix of the source against another mix of the truth
+        cases.append(dict(perturbation="stim", dose=None, source=cells[cells.obs.group_id == "ctrl"],
+                          truth=cells[cells.obs.group_id == "stim"], degs=degs))
+    return Task(
+        train=train,
+        model_args=dict(
+            rep="X_pca", perturbation_key="group_id", control="ctrl", covariate_keys=("patient", "cluster_id")
+        ),
+        cases=cases,
+        rep="X_pca",
+        reference=adata,
+        deg_key="logcounts",
+        fold=cell_type,
     )
 
 
@@ -180,6 +213,7 @@ def bbbc021_compound(data: Path) -> Task:
 TASKS: dict[str, Callable[[Path], Task | list[Task]]] = {
     "kang_patient": kang_patient,
     "kang_patient_genes": kang_patient_genes,
+    "kang_celltypes": kang_celltypes,
     "scgen_cd4t": scgen_cd4t,
     "scgen_cd4t_genes": scgen_cd4t_genes,
     "scgen_celltypes": scgen_celltypes,
