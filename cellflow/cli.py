@@ -247,7 +247,8 @@ def _evaluate(args) -> int:
     truth = _predicted_groups_of(_read_cells(args.truth, args.obs_column, args.groupby), pred, args.groupby, args.only_predicted)
     control = _read_cells(args.control, args.obs_column, args.groupby) if args.control else None
     table = cf.metrics.evaluate(
-        pred, truth, rep=args.rep, groupby=args.groupby, control=control, metrics=tuple(args.metric), max_cells=args.max_cells
+        pred, truth, rep=args.rep, groupby=args.groupby, control=control, metrics=tuple(args.metric), max_cells=args.max_cells,
+        floors=args.floors,
     )
     if args.out:
         table.to_csv(args.out, index=False)
@@ -568,6 +569,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="metrics of cellflow.metrics.evaluate (default: energy_distance mmd sinkhorn_divergence r2_mean)")
     evaluate.add_argument("--max-cells", type=int, default=None,
                           help="cells per side and group for the distribution metrics (default: all)")
+    evaluate.add_argument("--floors", action="store_true",
+                          help="add each distance's noise floor: what a perfect prediction would score (energy distance, MMD)")
     evaluate.add_argument("--out", default=None, help="CSV output")
     evaluate.set_defaults(func=_evaluate)
 

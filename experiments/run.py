@@ -32,6 +32,8 @@ Tasks (see ../shared/data/README.md for provenance):
 
 Prints a table per task and, at the end, one JSON object with every figure: means over the
 cases and seeds, and the median of each R² (a condition that barely moves can dominate its mean).
+Beside each energy distance, ``energy_distance_floor`` is what a perfect prediction of as many
+cells would score against the same observed cells (:func:`cellflow.metrics.noise_floor`).
 """
 
 from __future__ import annotations
@@ -228,6 +230,8 @@ def score_case(task: Task, pred: ad.AnnData, case: dict) -> dict:
     control = cf.data.get_representation(case["source"], task.rep)
     row = {
         "energy_distance": cf.metrics.energy_distance(x, y),
+        # what a perfect prediction of as many cells would score: no method can go below it
+        "energy_distance_floor": cf.metrics.noise_floor(y, len(x)),
         "mmd": cf.metrics.mmd(x, y),
         "r2_delta": cf.metrics.r2_mean(x, y, control=control),
     }
@@ -301,7 +305,9 @@ def main() -> None:
     results = run(args.tasks, args.methods, args.seeds, args.data, _key_values(args.option, "--option"), args.steps)
     if args.out:
         results.to_csv(args.out, index=False)
-    metrics = [c for c in ("energy_distance", "mmd", "r2_delta", "r2_delta_top50_degs") if c in results]
+    metrics = [
+        c for c in ("energy_distance", "energy_distance_floor", "mmd", "r2_delta", "r2_delta_top50_degs") if c in results
+    ]
     grouped = results.groupby(["task", "method"], sort=False)
     summary = grouped[metrics].mean()
     # a few conditions that barely move (R² of a near-zero shift) can dominate the mean of R²

@@ -64,6 +64,11 @@ def test_cli_train_predict_evaluate(tmp_path, capsys):
     table = pd.read_csv(table_path)
     assert list(table["condition"]) == ["A", "B"] and list(table["dose"]) == [1.0, 1.0]
     assert np.isfinite(table["energy_distance"]).all()
+    assert main(["evaluate", str(pred), str(truth), "--rep", "X", "--metric", "energy_distance", "mmd", "--out",
+                 str(table_path), "--only-predicted", "--floors"]) == 0
+    floors = pd.read_csv(table_path)
+    assert list(floors.columns[-4:]) == ["energy_distance", "energy_distance_floor", "mmd", "mmd_floor"]
+    assert (0 < floors["energy_distance_floor"]).all() and (floors["energy_distance_floor"] < floors["energy_distance"]).all()
 
 
 def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):

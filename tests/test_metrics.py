@@ -18,6 +18,7 @@ from cellflow.metrics import (
     energy_distance,
     evaluate,
     mmd,
+    noise_floor,
     pearson_delta,
     r2_mean,
     sinkhorn_divergence,
@@ -223,6 +224,61 @@ def test_pearson_delta_matches_corrcoef(rng):
     assert np.isnan(pearson_delta(ctrl, y, ctrl))  # zero predicted shift
 
 
+# --------------------------------------------------------------------------- noise floor
+
+
+def _mixture(rng, k, d=5):
+    """Cells of two states, each cell's state drawn independently (as a perfect prediction's)."""
+    z = rng.normal(size=(k, d))
+    z[rng.random(k) < 1 / 3] += 3.0
+    return z * np.linspace(0.5, 1.5, d)
+
+
+@pytest.mark.parametrize("chunk_size", [1024, 16])
+def test_noise_floor_matches_its_formula(rng, chunk_size):
+    y = _mixture(rng, 70) + 100.0  # far from the origin: the centring must keep float32 accurate
+    off_diagonal = ~np.eye(70, dtype=bool)
+    distances = np.sqrt(_sqdist(y, y))[off_diagonal]
+    assert noise_floor(y, 30, chunk_size=chunk_size) == pytest.approx((1 / 30 + 1 / 70) * distances.mean(), rel=1e-5)
+    assert noise_floor(y) == pytest.approx(2 / 70 * distances.mean(), rel=1e-5)  # n_predicted defaults to m
+    squared = noise_floor(y, 30, metric="energy_distance_squared")
+    assert squared == pytest.approx((1 / 30 + 1 / 70) * _sqdist(y, y)[off_diagonal].mean(), rel=1e-9)
+    kernels = [np.exp(-g * _sqdist(y, y))[off_diagonal].mean() for g in (0.5, 0.05)]
+    expected = (1 / 30 + 1 / 70) * np.mean([1 - k for k in kernels])
+    assert noise_floor(y, 30, metric="mmd", gammas=(0.5, 0.05), chunk_size=chunk_size) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize(("metric", "score"), [
+    ("energy_distance", energy_distance),
+    ("energy_distance_squared", lambda x, y: energy_distance(x, y, squared=True)),
+    ("mmd", mmd),
+])
+def test_noise_floor_is_what_a_perfect_prediction_scores_on_average(rng, metric, score):
+    # truth and a perfect prediction are independent draws of one distribution; the floor,
+    # computed from the truth alone, is the mean score (and far below the score of a shifted prediction)
+    floors, perfect, shifted = [], [], []
+    for _ in range(150):
+        y, x = _mixture(rng, 120), _mixture(rng, 40)
+        floors.append(noise_floor(y, 40, metric=metric))
+        perfect.append(score(x, y))
+        shifted.append(score(x + 1.0, y))
+    standard_error = np.std(perfect) / np.sqrt(len(perfect))
+    assert abs(np.mean(perfect) - np.mean(floors)) < 3 * standard_error + 0.01 * np.mean(floors), (
+        np.mean(perfect), np.mean(floors), standard_error)
+    assert np.mean(shifted) > 1.3 * np.mean(floors)
+
+
+def test_noise_floor_rejects_bad_input(rng):
+    y = rng.normal(size=(10, 3))
+    with pytest.raises(CellflowValueError, match="'sinkhorn_divergence'.*energy_distance"):
+        noise_floor(y, metric="sinkhorn_divergence")
+    with pytest.raises(CellflowValueError, match="at least 2 cells"):
+        noise_floor(y[:1])
+    for bad in (0, 2.5, True):
+        with pytest.raises(CellflowValueError, match="n_predicted"):
+            noise_floor(y, bad)
+
+
 # --------------------------------------------------------------------------- evaluate
 
 
@@ -268,6 +324,25 @@ def test_evaluate_matches_direct_calls(eval_data):
     for after, before in ((pred, pred_before), (truth, truth_before)):
         np.testing.assert_array_equal(after.X, before.X)
         pd.testing.assert_frame_equal(after.obs, before.obs)
+
+
+def test_evaluate_reports_each_distance_beside_its_floor(eval_data):
+    pred, truth, _ = eval_data
+    metrics = ("energy_distance", "r2_mean", "mmd")
+    df = evaluate(pred, truth, metrics=metrics, floors=True, max_cells=12)
+    assert list(df.columns) == ["condition", "n_pred", "n_truth", "energy_distance", "energy_distance_floor", "r2_mean",
+                                "mmd", "mmd_floor"]
+    plain = evaluate(pred, truth, metrics=metrics, max_cells=12)
+    pd.testing.assert_frame_equal(df[plain.columns], plain)
+    for position, row in df.iterrows():
+        y = truth.X[(truth.obs["condition"] == row["condition"]).to_numpy()]
+        rng = np.random.default_rng([0, position])  # the subsample evaluate scored
+        rng.choice(len(pred.X[(pred.obs["condition"] == row["condition"]).to_numpy()]), size=12, replace=False)
+        y_sub = y[np.sort(rng.choice(len(y), size=12, replace=False))]
+        assert row["energy_distance_floor"] == pytest.approx(noise_floor(y_sub, 12), rel=1e-6)
+        assert row["mmd_floor"] == pytest.approx(noise_floor(y_sub, 12, metric="mmd"), rel=1e-6)
+    with pytest.raises(CellflowValueError, match="floors must be True or False"):
+        evaluate(pred, truth, floors="yes")
 
 
 def test_evaluate_multi_column_groupby_control_match_and_features(eval_data):

@@ -2,7 +2,8 @@
 
 * Distribution and mean-shift metrics (:mod:`cellflow.metrics._distribution`):
   :func:`energy_distance`, :func:`mmd`, :func:`sinkhorn_divergence`, :func:`r2_mean`,
-  :func:`pearson_delta` and :func:`evaluate`.
+  :func:`pearson_delta` and :func:`evaluate`; :func:`noise_floor`, what a perfect prediction
+  scores.
 * Retrieval metrics of image-based profiling (:mod:`cellflow.metrics._retrieval`):
   :func:`map_retrieval`, :func:`retrieval_scores`, :func:`map_retrieval_shuffled`,
   :func:`phenotypic_activity`, :func:`replicate_reproducibility` and
@@ -11,10 +12,12 @@
 
 from cellflow.metrics._distribution import (
     DEFAULT_MMD_GAMMAS,
+    FLOOR_METRICS,
     METRICS,
     energy_distance,
     evaluate,
     mmd,
+    noise_floor,
     pearson_delta,
     r2_mean,
     sinkhorn_divergence,
@@ -36,6 +39,8 @@ __all__ = [
     "energy_distance",
     "mmd",
     "sinkhorn_divergence",
+    "noise_floor",
+    "FLOOR_METRICS",
     "r2_mean",
     "pearson_delta",
     "evaluate",

@@ -13,6 +13,7 @@ The definitions follow the CellFlow / CellOT / cell-eval evaluation code:
 * :func:`r2_mean`: coefficient of determination between mean expression vectors
   (or mean shifts from control);
 * :func:`pearson_delta`: Pearson correlation of mean shifts from control;
+* :func:`noise_floor`: the expected energy distance or MMD of a perfect prediction;
 * :func:`evaluate`: all of the above, per condition, on two AnnData objects.
 
 The pairwise metrics (:func:`energy_distance`, :func:`mmd`) never build the full
@@ -44,6 +45,8 @@ __all__ = [
     "energy_distance",
     "mmd",
     "sinkhorn_divergence",
+    "noise_floor",
+    "FLOOR_METRICS",
     "r2_mean",
     "pearson_delta",
     "evaluate",
@@ -105,6 +108,13 @@ def _check_chunk_size(chunk_size: int) -> int:
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
         raise CellflowValueError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
     return int(chunk_size)
+
+
+def _check_gammas(gammas: Sequence[float]) -> np.ndarray:
+    gam = np.atleast_1d(np.asarray(gammas, dtype=np.float64))
+    if gam.ndim != 1 or gam.size == 0 or not np.all(np.isfinite(gam)) or np.any(gam <= 0):
+        raise CellflowValueError(f"gammas must be a non-empty sequence of positive finite numbers, got {gammas!r}.")
+    return gam
 
 
 def _column_index(features: ArrayLike | None, n_features: int) -> np.ndarray | slice:
@@ -334,6 +344,106 @@ def energy_distance(x: ArrayLike, y: ArrayLike, *, squared: bool = False, chunk_
     return float(2.0 * means[0] - means[1] - means[2])
 
 
+def _self_kernel_sum(y: np.ndarray, kernel: str, params: np.ndarray, chunk_size: int) -> np.ndarray:
+    """Sum of ``k(y_i, y_j)`` over every ordered pair ``i != j`` of ``y``; shape ``(G,)``, float64."""
+    centred = (y - y.mean(axis=0)).astype(np.float32)
+    block = _block_size(y.shape[0], y.shape[0], chunk_size)
+    padded, mask = _pad_rows(centred, block)
+    sums = _tile_row_sums(
+        padded,
+        np.square(padded.astype(np.float64)).sum(axis=1).astype(np.float32),
+        mask,
+        np.int32(0),  # every block is the observed cloud
+        np.asarray(params, dtype=np.float32),
+        kernel=kernel,
+        block=block,
+    )
+    total = np.asarray(sums, dtype=np.float64)[:, 1].sum(axis=0)
+    # the diagonal holds distance 0: k = 0 for distances, k = 1 for the RBF kernel
+    return total if kernel == "euclidean" else total - y.shape[0]
+
+
+#: Metrics with a closed-form noise floor (:func:`noise_floor`).
+FLOOR_METRICS: tuple[str, ...] = ("energy_distance", "energy_distance_squared", "mmd")
+
+
+def noise_floor(
+    y: ArrayLike,
+    n_predicted: int | None = None,
+    *,
+    metric: str = "energy_distance",
+    gammas: Sequence[float] = DEFAULT_MMD_GAMMAS,
+    chunk_size: int = 1024,
+) -> float:
+    r"""Expected score of a perfect prediction: the noise floor of a biased distance.
+
+    A perfect prediction is ``n_predicted`` cells drawn independently from the distribution
+    the observed cells ``y`` come from. Its :func:`energy_distance` or :func:`mmd` to ``y``
+    is not 0, because both are biased V-statistics of finite samples; this is the value it
+    has in expectation, estimated without bias from ``y`` alone (no second sample, no
+    generator, no random numbers):
+
+    .. math::
+
+        \mathbb{E}\,E = \Big(\frac1n + \frac1m\Big)\,\mathbb{E}\,\delta(Y, Y'), \qquad
+        \mathbb{E}\,\mathrm{MMD}^2_\gamma = \Big(\frac1n + \frac1m\Big)
+            \big(1 - \mathbb{E}\,k_\gamma(Y, Y')\big),
+
+    where ``Y, Y'`` are two independent observed cells, estimated by the mean over the
+    ``m (m - 1)`` ordered pairs of distinct cells of ``y``, and, for the squared energy
+    distance, :math:`\mathbb{E}\,\delta = 2 \operatorname{tr}\Sigma` with the unbiased
+    covariance of ``y``. A score near its floor cannot be improved by any model; the gap
+    from a baseline's score to the floor is what there is to win. Unlike the distance
+    between two halves of ``y``, it needs no split, so it holds for the sample sizes
+    actually scored.
+
+    Parameters
+    ----------
+    y
+        Observed cells, shape ``(m, d)``, ``m >= 2``.
+    n_predicted
+        Number of predicted cells scored against ``y`` (default ``m``).
+    metric
+        ``"energy_distance"``, ``"energy_distance_squared"`` or ``"mmd"``
+        (:data:`FLOOR_METRICS`), with the same definitions as those functions.
+    gammas
+        RBF parameters of ``"mmd"``, shape ``(G,)``.
+    chunk_size
+        Side of the square tiles of the distance matrix processed at once.
+
+    Returns
+    -------
+    float
+        The expected score of a perfect prediction of ``n_predicted`` cells.
+
+    Examples
+    --------
+    >>> floor = cf.metrics.noise_floor(truth, n_predicted=len(pred))
+    >>> cf.metrics.energy_distance(pred, truth) / floor  # 1 is as good as it gets
+    """
+    if metric not in FLOOR_METRICS:
+        raise CellflowValueError(
+            f"metric={metric!r} has no closed-form noise floor; choose one of {list(FLOOR_METRICS)}."
+        )
+    y_arr = _as_cells(y, "y")
+    m = y_arr.shape[0]
+    if m < 2:
+        raise CellflowValueError(f"y must hold at least 2 cells to estimate a noise floor, got shape {y_arr.shape}.")
+    n = m if n_predicted is None else n_predicted
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise CellflowValueError(f"n_predicted must be a positive integer or None, got {n_predicted!r}.")
+    chunk_size = _check_chunk_size(chunk_size)
+    size_factor = 1.0 / n + 1.0 / m
+    pairs = m * (m - 1)
+    if metric == "energy_distance_squared":
+        return float(size_factor * 2.0 * np.var(y_arr, axis=0, ddof=1).sum())
+    if metric == "energy_distance":
+        return float(size_factor * _self_kernel_sum(y_arr, "euclidean", np.zeros(1), chunk_size)[0] / pairs)
+    gam = _check_gammas(gammas)
+    mean_kernel = _self_kernel_sum(y_arr, "rbf", gam, chunk_size) / pairs
+    return float(size_factor * (1.0 - mean_kernel).mean())
+
+
 def mmd(
     x: ArrayLike,
     y: ArrayLike,
@@ -372,9 +482,7 @@ def mmd(
     x_arr, y_arr = _as_cells(x, "x"), _as_cells(y, "y")
     _check_same_width(x=x_arr, y=y_arr)
     chunk_size = _check_chunk_size(chunk_size)
-    gam = np.atleast_1d(np.asarray(gammas, dtype=np.float64))
-    if gam.ndim != 1 or gam.size == 0 or not np.all(np.isfinite(gam)) or np.any(gam <= 0):
-        raise CellflowValueError(f"gammas must be a non-empty sequence of positive finite numbers, got {gammas!r}.")
+    gam = _check_gammas(gammas)
     means = _pair_means(x_arr, y_arr, "rbf", gam, chunk_size)
     per_gamma = means[1] + means[2] - 2.0 * means[0]
     return float(per_gamma.mean())
@@ -731,6 +839,7 @@ def evaluate(
     features: Sequence[Any] | np.ndarray | None = None,
     max_cells: int | None = None,
     seed: int = 0,
+    floors: bool = False,
 ) -> pd.DataFrame:
     """Compare predicted and observed cells condition by condition.
 
@@ -775,13 +884,19 @@ def evaluate(
         from ``seed`` and the group's position. Mean-based metrics use all cells.
     seed
         Seed of the subsampling.
+    floors
+        Add a ``"<metric>_floor"`` column after each of ``"energy_distance"``,
+        ``"energy_distance_squared"`` and ``"mmd"`` asked: what a perfect prediction of
+        the group, as many cells as were scored, would score in expectation
+        (:func:`noise_floor`, from the observed cells alone).
 
     Returns
     -------
     pandas.DataFrame
         One row per group: the ``groupby`` columns, ``n_pred``, ``n_truth`` (cells in the
         group, before subsampling), ``n_control`` (only when ``control`` is given: the
-        matched controls), then one float column per metric, in the order asked.
+        matched controls), then one float column per metric, in the order asked (each
+        followed by its floor with ``floors=True``).
 
     Raises
     ------
@@ -806,6 +921,8 @@ def evaluate(
         raise CellflowValueError(
             f"metrics {needs_control!r} compare shifts from control cells: pass control=<AnnData of control cells>."
         )
+    if not isinstance(floors, (bool, np.bool_)):
+        raise CellflowValueError(f"floors must be True or False, got {floors!r}.")
     bad_max = isinstance(max_cells, bool) or not isinstance(max_cells, (int, np.integer)) or max_cells < 1
     if max_cells is not None and bad_max:
         raise CellflowValueError(f"max_cells must be a positive integer or None, got {max_cells!r}.")
@@ -882,6 +999,8 @@ def evaluate(
                     unconverged.append(_group_label(key))
             else:
                 row[name] = _METRIC_FUNCS[name](x, y, x_sub, y_sub, ctrl, cols)
+            if floors and name in FLOOR_METRICS:
+                row[f"{name}_floor"] = noise_floor(y_sub, len(x_sub), metric=name) if len(y_sub) > 1 else np.nan
         rows.append(row)
 
     if unconverged:
@@ -900,7 +1019,10 @@ def evaluate(
             UserWarning,
             stacklevel=user_stacklevel(),
         )
-    columns = [*group_cols, "n_pred", "n_truth", *(["n_control"] if control is not None else []), *names]
+    scores = []
+    for name in names:
+        scores += [name, f"{name}_floor"] if floors and name in FLOOR_METRICS else [name]
+    columns = [*group_cols, "n_pred", "n_truth", *(["n_control"] if control is not None else []), *scores]
     return pd.DataFrame(rows, columns=columns)
 
 
