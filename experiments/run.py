@@ -33,7 +33,10 @@ Tasks (see ../shared/data/README.md for provenance):
 Prints a table per task and, at the end, one JSON object with every figure: means over the
 cases and seeds, and the median of each R² (a condition that barely moves can dominate its mean).
 Beside each energy distance, ``energy_distance_floor`` is what a perfect prediction of as many
-cells would score against the same observed cells (:func:`cellflow.metrics.noise_floor`).
+cells would score against the same observed cells (:func:`cellflow.metrics.noise_floor`), and
+``gap_closed`` the share of the gap from mean_shift's energy distance to that floor that a
+method closes (1: as good as a perfect prediction; 0: mean_shift's score; needs mean_shift among
+the methods).
 """
 
 from __future__ import annotations
@@ -287,6 +290,22 @@ def run(tasks, methods, seeds, data: Path, options: dict | None = None, steps: i
     return pd.DataFrame(rows)
 
 
+def _gap_closed(summary: pd.DataFrame) -> pd.Series:
+    """Share of the gap from mean_shift's energy distance to the floor that each method closes.
+
+    1 is a perfect prediction, 0 is mean_shift's score, negative is worse than mean_shift;
+    NaN where the task was not run with mean_shift. Ratios of the means over cases and seeds.
+    """
+    closed = pd.Series(np.nan, index=summary.index)
+    for task in summary.index.get_level_values("task").unique():
+        if (task, "mean_shift") not in summary.index:
+            continue
+        baseline, floor = summary.loc[(task, "mean_shift"), ["energy_distance", "energy_distance_floor"]]
+        for method in summary.loc[task].index:
+            closed[(task, method)] = (baseline - summary.loc[(task, method), "energy_distance"]) / (baseline - floor)
+    return closed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -314,6 +333,7 @@ def main() -> None:
     for column in ("r2_delta", "r2_delta_top50_degs"):
         if column in results:
             summary[f"{column}_median"] = grouped[column].median()
+    summary["gap_closed"] = _gap_closed(summary)
     with pd.option_context("display.width", 160, "display.float_format", "{:.4f}".format):
         print(summary.to_string())
     payload = {f"{t}/{m}": {k: round(float(v), 4) for k, v in row.items() if np.isfinite(v)} for (t, m), row in summary.iterrows()}

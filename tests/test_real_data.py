@@ -4,6 +4,7 @@ Skipped with a reason when the data folder is absent; CI has it.
 """
 
 import numpy as np
+import pandas as pd
 import pytest
 from conftest import shared_file
 
@@ -205,6 +206,17 @@ def test_experiment_runner_holds_out_every_scgen_cell_type_in_turn(runner):
     energy = results.pivot(index="fold", columns="method", values="energy_distance")
     # measured: gaussian_ot 1.08-2.06, identity 2.89-11.5 in every fold
     assert (energy["gaussian_ot"] < 0.75 * energy["identity"]).all()
+
+
+def test_experiment_runner_reports_the_share_of_the_gap_to_the_floor_each_method_closes(runner):
+    index = pd.MultiIndex.from_tuples(
+        [("a", "identity"), ("a", "mean_shift"), ("a", "flow_matching"), ("b", "identity")], names=["task", "method"]
+    )
+    summary = pd.DataFrame({"energy_distance": [9.0, 3.0, 1.5, 2.0], "energy_distance_floor": [1.0, 1.0, 1.0, 0.5]},
+                           index=index)
+    closed = runner._gap_closed(summary)
+    np.testing.assert_allclose(closed.loc["a"].to_numpy(), [-3.0, 0.0, 0.75])
+    assert np.isnan(closed[("b", "identity")])  # task b ran without mean_shift
 
 
 def test_experiment_runner_holds_out_every_kang_cell_type_in_turn_scored_per_patient(runner):
