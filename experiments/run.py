@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -262,11 +263,14 @@ def method_spec(text: str) -> tuple[str, dict]:
     return name, _key_values([part for part in parts if part], f"--methods {text}")
 
 
-def run(tasks, methods, seeds, data: Path, options: dict | None = None, steps: int | None = None) -> pd.DataFrame:
+def run(
+    tasks, methods, seeds, data: Path, options: dict | None = None, steps: int | None = None, verbose: bool = False
+) -> pd.DataFrame:
     """Fit every method on every task and seed; ``options`` and ``steps`` go to learned methods.
 
     A method may carry its own options after a colon, e.g. ``"neural_ot:map=per_condition"``;
-    results are labelled with the whole string.
+    results are labelled with the whole string. ``verbose`` prints a line per fit to stderr
+    (fit time and mean energy distance), so a long run shows where it is.
     """
     rows = []
     for name in tasks:
@@ -287,6 +291,11 @@ def run(tasks, methods, seeds, data: Path, options: dict | None = None, steps: i
                             "condition": case["perturbation"], "fit_seconds": fit_seconds,
                             **score_case(task, pred, case),
                         })
+                    if verbose:
+                        energy = np.mean([row["energy_distance"] for row in rows[-len(task.cases):]])
+                        where = f"{name}/{task.fold}" if task.fold else name
+                        print(f"{where} {label} seed {seed}: fitted in {fit_seconds:.1f} s, energy distance {energy:.4f}",
+                              file=sys.stderr, flush=True)
     return pd.DataFrame(rows)
 
 
@@ -321,7 +330,9 @@ def main() -> None:
     args = parser.parse_args()
     from cellflow.cli import _key_values
 
-    results = run(args.tasks, args.methods, args.seeds, args.data, _key_values(args.option, "--option"), args.steps)
+    results = run(
+        args.tasks, args.methods, args.seeds, args.data, _key_values(args.option, "--option"), args.steps, verbose=True
+    )
     if args.out:
         results.to_csv(args.out, index=False)
     metrics = [
