@@ -117,12 +117,16 @@ def metric_bars(
         bar per group.
     order
         Order of the ``hue`` values (default: first appearance).
+
+    A ``"<metric>_floor"`` column (``evaluate(..., floors=True)``, ``experiments/run.py``) is
+    drawn as a dashed line over each group of bars: what a perfect prediction would score.
     """
+    floor = f"{metric}_floor"
     if x is None:
         labels = [c for c in table.columns if not pd.api.types.is_numeric_dtype(table[c]) and c != hue]
         # a table grouped by a numeric column (dose, time) has no text label: its first column
         # that is neither the metric nor a cell count names the groups
-        numeric = [c for c in table.columns if c not in (metric, hue) and not str(c).startswith("n_")]
+        numeric = [c for c in table.columns if c not in (metric, floor, hue) and not str(c).startswith("n_")]
         x = "task" if "task" in table.columns else (labels[0] if labels else (numeric[0] if numeric else "task"))
     if hue is None and "method" in table.columns and x != "method":
         hue = "method"
@@ -149,10 +153,14 @@ def metric_bars(
     room_points = ax.get_window_extent().width * 72 / ax.figure.dpi / max(len(ticks), 1)
     if max((len(t) for t in ticks), default=0) * 0.6 * font_points > room_points:
         ax.set_xticks(positions, ticks, rotation=30, ha="right")
+    if floor in table.columns:
+        floors = table.groupby(x, sort=False)[floor].mean().reindex(means.index).to_numpy()
+        ax.hlines(floors, positions - 0.45, positions + 0.45, colors="black", linestyles="--", linewidth=1,
+                  label="noise floor")
     ax.set_ylabel(metric.replace("_", " "))
     if log:
         ax.set_yscale("log")
-    if hue is not None:
+    if hue is not None or floor in table.columns:
         ax.legend(frameon=False, fontsize="small")
     return ax
 

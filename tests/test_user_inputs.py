@@ -209,6 +209,13 @@ def test_metric_bars_reads_an_evaluate_table(toy, model):
     truth = toy[toy.obs.condition.isin(["A", "B"]) & (toy.obs.dose == "1.0") & (toy.obs.patient == "P1")]
     ax = cf.pl.metric_bars(cf.metrics.evaluate(pred, truth, rep="X", groupby="condition", metrics=["energy_distance"]))
     assert [t.get_text() for t in ax.get_xticklabels()] == ["A", "B"]
+    # with floors, each group gets a dashed line at its floor
+    table = cf.metrics.evaluate(pred, truth, rep="X", groupby="condition", metrics=["energy_distance"], floors=True)
+    ax = cf.pl.metric_bars(table)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["A", "B"]
+    (lines,) = ax.collections
+    assert lines.get_label() == "noise floor"
+    np.testing.assert_allclose([segment[0, 1] for segment in lines.get_segments()], table["energy_distance_floor"])
 
 
 def test_cli_groupby_repeats_and_key_value_errors(toy, model, tmp_path, capsys):
