@@ -214,10 +214,14 @@ def test_cli_bench_compares_baselines_over_seeds_and_writes_a_row_per_group(tmp_
     assert report["split"]["kind"] == "doses" and report["split"]["held_out_conditions"] == ["A", "B"]
     results = report["results"]
     assert list(results) == ["identity", "mean_shift"]
-    assert set(results["identity"]) == {"energy_distance", "mmd", "energy_distance/mean_shift", "fit_seconds"}
-    assert results["mean_shift"]["energy_distance/mean_shift"] == 1.0
+    assert set(results["identity"]) == {"energy_distance", "mmd", "energy_distance/mean_shift", "gap_closed", "fit_seconds"}
+    assert results["mean_shift"]["energy_distance/mean_shift"] == 1.0 and results["mean_shift"]["gap_closed"] == 0.0
     assert results["identity"]["energy_distance"] > results["mean_shift"]["energy_distance"]
+    assert results["identity"]["gap_closed"] < 0
+    floor = report["noise_floor"]
+    assert set(floor) == {"energy_distance", "mmd"} and 0 < floor["energy_distance"] < results["mean_shift"]["energy_distance"]
     table = pd.read_csv(out)
+    assert table["energy_distance_floor"].mean() == pytest.approx(floor["energy_distance"], abs=1e-4)
     # A and B at dose 10 for P1 and P2: four groups, each from its own patient's controls
     assert len(table) == 2 * 2 * 4 and set(table["patient"]) == {"P1", "P2"} and (table["n_control"] == 40).all()
     means = table.groupby("method")["energy_distance"].mean()
