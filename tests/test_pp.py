@@ -114,6 +114,37 @@ def test_pca_matches_scanpy_reconstruction(rng):
     np.testing.assert_allclose(out.obsm["X_pca"] * signs, ref.obsm["X_pca"], atol=1e-10)
 
 
+@pytest.mark.parametrize("sparse", [False, True])
+def test_decode_reads_a_pca_made_by_scanpy(low_rank_adata, sparse):
+    adata = low_rank_adata.copy()
+    adata.var["keep"] = np.arange(adata.n_vars) % 4 != 0
+    adata.layers["work"] = adata.X.copy()
+    if sparse:
+        adata.X = sp.csr_matrix(adata.X)
+    sc.pp.pca(adata, n_comps=5, mask_var="keep")  # obsm X_pca, varm PCs, uns pca
+    sc.pp.pca(adata, n_comps=4, layer="work", key_added="pcs_work")  # obsm, varm and uns under one key
+    dense = adata.X.toarray() if sp.issparse(adata.X) else adata.X
+
+    decoded = pp.decode_adata(adata[:30], adata)  # rank 5: the embedding holds every cell exactly
+    assert list(decoded.var_names) == list(adata.var_names[adata.var["keep"]])
+    np.testing.assert_allclose(decoded.X, dense[:30][:, adata.var["keep"].to_numpy()], rtol=1e-4, atol=1e-4)
+    # four components of the layer: the mean plus the projection onto scanpy's loadings
+    work = adata.layers["work"]
+    expected = work.mean(0) + (work - work.mean(0)) @ adata.varm["pcs_work"] @ adata.varm["pcs_work"].T
+    on_layer = pp.decode_adata(adata[:30], adata, rep="pcs_work", key="pcs_work")
+    np.testing.assert_allclose(on_layer.layers["work"], expected[:30], rtol=1e-4, atol=1e-4)
+    assert on_layer.uns["cellflow"]["rep"] == "work"
+
+    # the matrix the PCA read was changed afterwards: its means are no longer the PCA's
+    scaled = adata.copy()
+    scaled.X = dense * 2.0
+    with pytest.raises(CellflowValueError, match=r"obsm\['X_pca'\] \(from scanpy.pp.pca\) is not reference.X projected"):
+        pp.decode(adata.obsm["X_pca"][:3], scaled)
+    del scaled.var["keep"]
+    with pytest.raises(CellflowKeyError, match=r"reference.var\['keep'\], which is gone"):
+        pp.decode(adata.obsm["X_pca"][:3], scaled)
+
+
 def test_pca_uns_contents(low_rank_adata):
     out = pp.pca(low_rank_adata, 7, key_added="emb")
     info = out.uns["emb"]

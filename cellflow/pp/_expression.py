@@ -297,8 +297,77 @@ def pca(
 # --------------------------------------------------------------------------------------------
 # decode
 # --------------------------------------------------------------------------------------------
+def _scanpy_layout(reference: ad.AnnData, key: str) -> tuple[str, str] | None:
+    """``(varm key, uns key)`` of a :func:`scanpy.pp.pca` result stored as ``obsm[key]``, if any.
+
+    scanpy writes ``obsm["X_pca"]``, ``varm["PCs"]`` and ``uns["pca"]`` by default, and
+    ``obsm[k]``, ``varm[k]``, ``uns[k]`` with ``key_added=k``.
+    """
+    if key not in reference.obsm:
+        return None
+    for varm_key, uns_key in ((key, key), ("PCs", "pca") if key == "X_pca" else (None, None)):
+        info = reference.uns.get(uns_key) if uns_key else None
+        if varm_key in reference.varm and isinstance(info, Mapping) and isinstance(info.get("params"), Mapping):
+            return varm_key, uns_key
+    return None
+
+
+def _scanpy_pca_info(reference: ad.AnnData, key: str, varm_key: str, uns_key: str) -> dict[str, Any]:
+    """The decoder of a scanpy PCA, checked against the embedding it produced.
+
+    scanpy keeps the loadings (``varm``) but not the gene means it centred on; they are the
+    means of the matrix it read (``X``, or ``params["layer"]``) over the genes it used
+    (``params["mask_var"]``). Re-projecting a sample of cells confirms that this matrix is
+    still the one the PCA saw.
+    """
+    params = reference.uns[uns_key]["params"]
+    layer = params.get("layer")
+    where = f"reference.layers[{layer!r}]" if layer else "reference.X"
+    matrix = _gene_matrix(reference, layer or "X", "the PCA's layer")
+    mask_var = params.get("mask_var", "highly_variable" if params.get("use_highly_variable") else None)
+    if isinstance(mask_var, str):
+        if mask_var not in reference.var:
+            raise CellflowKeyError(
+                f"the scanpy PCA {key!r} used the genes of reference.var[{mask_var!r}], which is gone; valid "
+                f"columns: {format_choices(reference.var.columns)}."
+            )
+        genes = reference.var[mask_var].to_numpy(dtype=bool)
+    else:
+        genes = np.ones(reference.n_vars, dtype=bool)
+    loadings = np.asarray(reference.varm[varm_key])[genes]  # (n_genes used, n_comps)
+    used = matrix[:, genes]
+    if params.get("zero_center", True):
+        mean = np.asarray(used.mean(axis=0, dtype=np.float64)).ravel()
+    else:
+        mean = np.zeros(loadings.shape[0])
+    sample = np.unique(np.linspace(0, reference.n_obs - 1, min(reference.n_obs, 256)).astype(int))
+    rows = used[sample]
+    rows = rows.toarray() if sp.issparse(rows) else np.asarray(rows)
+    projected = (rows - mean) @ loadings
+    embedding = np.asarray(reference.obsm[key])[sample, : loadings.shape[1]]
+    if not np.allclose(projected, embedding, rtol=1e-3, atol=1e-3 * float(np.abs(embedding).max() + 1e-12)):
+        raise CellflowValueError(
+            f"reference.obsm[{key!r}] (from scanpy.pp.pca) is not {where} projected on reference.varm[{varm_key!r}]: "
+            f"{where} changed after the PCA (scaled, filtered or replaced), so the gene means it was centred on are "
+            "lost. Decode with the AnnData as it was when the PCA ran, or run cellflow.pp.pca, which stores them."
+        )
+    dtype = loadings.dtype if np.issubdtype(loadings.dtype, np.floating) else np.float32
+    return {
+        "mean": mean.astype(dtype),
+        "components": np.ascontiguousarray(loadings.T, dtype=dtype),
+        "var_names": np.asarray(reference.var_names[genes], dtype=object),
+        "rep": layer or "X",
+        "n_comps": loadings.shape[1],
+    }
+
+
 def _pca_info(reference: ad.AnnData | Mapping[str, Any], key: str) -> Mapping[str, Any]:
     if isinstance(reference, ad.AnnData):
+        cellflow_info = reference.uns.get(key)
+        if not (isinstance(cellflow_info, Mapping) and "components" in cellflow_info):
+            layout = _scanpy_layout(reference, key)
+            if layout is not None:
+                return _scanpy_pca_info(reference, key, *layout)
         if key not in reference.uns:
             raise CellflowKeyError(
                 f"key={key!r} is not in reference.uns, so there is no PCA decoder to use; run "
@@ -335,9 +404,12 @@ def decode(x: Any, reference: ad.AnnData | Mapping[str, Any], *, key: str = "X_p
         Embeddings of shape ``(..., n_comps)`` (NumPy, JAX or anything array-like); a single
         cell may be given as a 1-d array.
     reference
-        The AnnData on which :func:`pca` was run (its ``uns[key]`` is read), or that dict itself.
+        The AnnData on which :func:`pca` was run (its ``uns[key]`` is read), or that dict itself;
+        or an AnnData on which :func:`scanpy.pp.pca` was run (``obsm[key]`` with scanpy's
+        ``varm``/``uns`` entries): its gene means, which scanpy does not keep, are recomputed
+        from the matrix it read, after checking that this matrix still gives ``obsm[key]``.
     key
-        ``key_added`` used in :func:`pca`.
+        ``key_added`` used in :func:`pca` (the ``obsm`` key for a scanpy PCA).
 
     Returns
     -------
