@@ -26,7 +26,8 @@ from cellflow.methods._learned import (
     split_validation, train_with_options, validation_scorer,
 )
 from cellflow.methods._options import (
-    fraction, non_negative, one_of, positive, positive_int, response_field_options, training_loop_options,
+    early_stopping_options, fraction, one_of, optimizer_options, positive, positive_int,
+    response_field_options, training_loop_options,
 )
 from cellflow.methods import _subspace as subspaces
 from cellflow.nn import Denoiser
@@ -103,9 +104,7 @@ class Diffusion(Method):
     default_steps = 2000
     options: ClassVar[Mapping[str, Option]] = {
         **response_field_options("the fields", depth_of="the member and base fields", centre=None),
-        "learning_rate": Option(1e-3, "peak learning rate (AdamW, warm-up, cosine decay)", non_negative),
-        "weight_decay": Option(0.0, "AdamW weight decay", non_negative),
-        "warmup": Option(200, "warm-up steps", non_negative),
+        **optimizer_options(),
         "conditions_per_step": Option(8, "treated groups per training step", positive_int),
         "p_uncond": Option(0.1, "probability of training a group on its controls under the empty condition", fraction),
         "guidance": Option(1.0, "classifier-free guidance weight w (1: conditional model, 0: controls)", _real),
@@ -122,9 +121,7 @@ class Diffusion(Method):
         "covariate_dropout": Option(0.1, "probability of hiding a covariate value in training", fraction),
         "group_weighting": Option("uniform", "draw groups 'uniform'ly or by 'size'", one_of("uniform", "size")),
         "population_size": Option(256, "source cells summarised at prediction time", positive_int),
-        "validation_fraction": Option(0.0, "share of each group's cells held out for early stopping", fraction),
-        "eval_every": Option(500, "steps between validation evaluations", positive_int),
-        "patience": Option(5, "evaluations without improvement before stopping", positive_int),
+        **early_stopping_options(),
         **training_loop_options(),
         "subspace": subspaces.subspace_option("the denoiser"),
     }

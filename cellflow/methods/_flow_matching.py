@@ -26,8 +26,8 @@ from cellflow.methods._learned import (
     split_validation, train_with_options, validation_scorer,
 )
 from cellflow.methods._options import (
-    fraction, non_negative, one_of, positive, positive_int, unit_interval, response_field_options,
-    training_loop_options,
+    early_stopping_options, fraction, non_negative, one_of, optimizer_options, positive, positive_int,
+    response_field_options, training_loop_options, unit_interval,
 )
 from cellflow.methods import _subspace as subspaces
 from cellflow.methods._baselines import GaussianOT, MeanShift
@@ -178,9 +178,7 @@ class FlowMatching(Method):
     default_steps = 2000
     options = {
         **response_field_options("the velocity fields"),
-        "learning_rate": Option(1e-3, "peak learning rate (AdamW, warm-up, cosine decay)", non_negative),
-        "weight_decay": Option(0.0, "AdamW weight decay", non_negative),
-        "warmup": Option(200, "warm-up steps", non_negative),
+        **optimizer_options(),
         "conditions_per_step": Option(8, "treated groups per training step", positive_int),
         "coupling": Option("ot", "'ot' (minibatch Sinkhorn) or 'independent'", one_of(*fm.COUPLINGS)),
         "epsilon": Option(0.01, "Sinkhorn regularisation relative to the mean cost", positive),
@@ -216,9 +214,7 @@ class FlowMatching(Method):
             one_of(True, False),
         ),
         "population_size": Option(256, "source cells summarised at prediction time", positive_int),
-        "validation_fraction": Option(0.0, "share of each group's cells held out for early stopping", fraction),
-        "eval_every": Option(500, "steps between validation evaluations", positive_int),
-        "patience": Option(5, "evaluations without improvement before stopping", positive_int),
+        **early_stopping_options(),
         **training_loop_options(),
         "prior": Option(
             "none",

@@ -27,7 +27,8 @@ from cellflow.methods._learned import (
     split_validation, train_with_options, validation_scorer,
 )
 from cellflow.methods._options import (
-    fraction, non_negative, one_of, positive, positive_int, response_field_options, training_loop_options,
+    early_stopping_options, fraction, non_negative, one_of, positive, positive_int, response_field_options,
+    training_loop_options,
 )
 from cellflow.methods import _subspace as subspaces
 from cellflow.nn import ResponseField
@@ -132,9 +133,7 @@ class NeuralOT(Method):
         "covariate_dropout": Option(0.1, "probability of hiding a covariate value in training", fraction),
         "group_weighting": Option("uniform", "draw groups 'uniform'ly or by 'size'", one_of("uniform", "size")),
         "population_size": Option(256, "source cells summarised at prediction time", positive_int),
-        "validation_fraction": Option(0.0, "share of each group's cells held out for early stopping (conditional map)", fraction),
-        "eval_every": Option(500, "steps between validation evaluations", positive_int),
-        "patience": Option(5, "evaluations without improvement before stopping", positive_int),
+        **early_stopping_options(" (conditional map)"),
         # per-condition ICNN duals
         "hidden": Option([64, 64, 64, 64], "hidden widths of the ICNN potentials (per_condition)", _hidden),
         "inner_steps": Option(5, "conjugate-potential updates per potential update (per_condition)", positive_int),

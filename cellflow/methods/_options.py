@@ -75,6 +75,26 @@ def response_field_options(
     return options
 
 
+def optimizer_options() -> dict[str, Option]:
+    """The options of :func:`cellflow.train.make_optimizer` (AdamW with warm-up and cosine decay)."""
+    return {
+        "learning_rate": Option(1e-3, "peak learning rate (AdamW, warm-up, cosine decay)", non_negative),
+        "weight_decay": Option(0.0, "AdamW weight decay", non_negative),
+        "warmup": Option(200, "warm-up steps", non_negative),
+    }
+
+
+def early_stopping_options(scope: str = "") -> dict[str, Option]:
+    """The options of validation and early stopping (``validation_fraction``, ``eval_every``,
+    ``patience``); ``scope`` says which network they apply to when a method has several (e.g.
+    ``" (conditional map)"``)."""
+    return {
+        "validation_fraction": Option(0.0, f"share of each group's cells held out for early stopping{scope}", fraction),
+        "eval_every": Option(500, "steps between validation evaluations", positive_int),
+        "patience": Option(5, "evaluations without improvement before stopping", positive_int),
+    }
+
+
 def training_loop_options(devices_scope: str = "") -> dict[str, Option]:
     """The options of the jitted training loop (``chunk``, ``devices``, ``checkpoint_dir``,
     ``checkpoint_every``) for a method's table; ``devices_scope`` says which network ``devices``

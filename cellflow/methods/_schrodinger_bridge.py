@@ -29,8 +29,8 @@ from cellflow.methods._learned import (
     split_validation, train_with_options, validation_scorer,
 )
 from cellflow.methods._options import (
-    fraction, non_negative, one_of, positive, positive_int, unit_interval, response_field_options,
-    training_loop_options,
+    early_stopping_options, fraction, non_negative, one_of, optimizer_options, positive, positive_int,
+    response_field_options, training_loop_options, unit_interval,
 )
 from cellflow.methods import _subspace as subspaces
 from cellflow.nn import BridgeField
@@ -100,9 +100,7 @@ class SchrodingerBridge(Method):
         "tau_a": Option(1.0, "source unbalancedness of the coupling (1 = balanced)", unit_interval),
         "tau_b": Option(1.0, "target unbalancedness of the coupling (1 = balanced)", unit_interval),
         "score_weight": Option(1.0, "weight of the score-matching loss", non_negative),
-        "learning_rate": Option(1e-3, "peak learning rate (AdamW, warm-up, cosine decay)", non_negative),
-        "weight_decay": Option(0.0, "AdamW weight decay", non_negative),
-        "warmup": Option(200, "warm-up steps", non_negative),
+        **optimizer_options(),
         "conditions_per_step": Option(8, "training groups per step", positive_int),
         "ema_decay": Option(0.999, "EMA decay of the weights used to predict", fraction),
         "covariate_dropout": Option(0.1, "probability of hiding a covariate value in training", fraction),
@@ -110,9 +108,7 @@ class SchrodingerBridge(Method):
         "sampler": Option("sde", "'sde' (Euler–Maruyama, stochastic) or 'ode' (probability flow, Heun)", one_of("sde", "ode")),
         "n_steps": Option(64, "integration steps over the whole clock", positive_int),
         "population_size": Option(256, "source cells summarised at prediction time", positive_int),
-        "validation_fraction": Option(0.0, "share of each group's cells held out for early stopping", fraction),
-        "eval_every": Option(500, "steps between validation evaluations", positive_int),
-        "patience": Option(5, "evaluations without improvement before stopping", positive_int),
+        **early_stopping_options(),
         **training_loop_options(),
         "subspace": subspaces.subspace_option("the bridge (not with time_key)"),
     }
