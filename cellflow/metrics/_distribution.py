@@ -260,6 +260,16 @@ def _tile_row_sums(
     return acc - comp
 
 
+def _row_sums(z: np.ndarray, mask: np.ndarray, n_blocks_x: int, params: np.ndarray, kernel: str, block: int) -> np.ndarray:
+    """:func:`_tile_row_sums` of padded, centred float32 points ``z``, as float64, shape ``(N, 2, G)``."""
+    # Norms of the float32-rounded points, accumulated in float64.
+    sq_norms = np.square(z.astype(np.float64)).sum(axis=1).astype(np.float32)
+    sums = _tile_row_sums(
+        z, sq_norms, mask, np.int32(n_blocks_x), np.asarray(params, dtype=np.float32), kernel=kernel, block=block
+    )
+    return np.asarray(sums, dtype=np.float64)
+
+
 def _pair_means(x: np.ndarray, y: np.ndarray, kernel: str, params: np.ndarray, chunk_size: int) -> np.ndarray:
     """Means of ``k`` over the pairs (x, y), (x, x), (y, y); shape ``(3, G)``, float64.
 
@@ -273,18 +283,7 @@ def _pair_means(x: np.ndarray, y: np.ndarray, kernel: str, params: np.ndarray, c
     x_pad, x_mask = _pad_rows((x - center).astype(np.float32), block)
     y_pad, y_mask = _pad_rows((y - center).astype(np.float32), block)
     z = np.concatenate([x_pad, y_pad])
-    # Norms of the float32-rounded points, accumulated in float64.
-    sq_norms = np.square(z.astype(np.float64)).sum(axis=1).astype(np.float32)
-    sums = _tile_row_sums(
-        z,
-        sq_norms,
-        np.concatenate([x_mask, y_mask]),
-        np.int32(x_pad.shape[0] // block),
-        np.asarray(params, dtype=np.float32),
-        kernel=kernel,
-        block=block,
-    )
-    sums = np.asarray(sums, dtype=np.float64)
+    sums = _row_sums(z, np.concatenate([x_mask, y_mask]), x_pad.shape[0] // block, params, kernel, block)
     n_x = x_pad.shape[0]
     s_xx, s_xy = sums[:n_x, 0].sum(axis=0), sums[:n_x, 1].sum(axis=0)
     s_yx, s_yy = sums[n_x:, 0].sum(axis=0), sums[n_x:, 1].sum(axis=0)
@@ -349,16 +348,7 @@ def _self_kernel_sum(y: np.ndarray, kernel: str, params: np.ndarray, chunk_size:
     centred = (y - y.mean(axis=0)).astype(np.float32)
     block = _block_size(y.shape[0], y.shape[0], chunk_size)
     padded, mask = _pad_rows(centred, block)
-    sums = _tile_row_sums(
-        padded,
-        np.square(padded.astype(np.float64)).sum(axis=1).astype(np.float32),
-        mask,
-        np.int32(0),  # every block is the observed cloud
-        np.asarray(params, dtype=np.float32),
-        kernel=kernel,
-        block=block,
-    )
-    total = np.asarray(sums, dtype=np.float64)[:, 1].sum(axis=0)
+    total = _row_sums(padded, mask, 0, params, kernel, block)[:, 1].sum(axis=0)  # no block is "predicted"
     # the diagonal holds distance 0: k = 0 for distances, k = 1 for the RBF kernel
     return total if kernel == "euclidean" else total - y.shape[0]
 

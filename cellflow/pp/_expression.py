@@ -305,8 +305,9 @@ def _scanpy_layout(reference: ad.AnnData, key: str) -> tuple[str, str] | None:
     """
     if key not in reference.obsm:
         return None
-    for varm_key, uns_key in ((key, key), ("PCs", "pca") if key == "X_pca" else (None, None)):
-        info = reference.uns.get(uns_key) if uns_key else None
+    layouts = [(key, key), *([("PCs", "pca")] if key == "X_pca" else [])]
+    for varm_key, uns_key in layouts:
+        info = reference.uns.get(uns_key)
         if varm_key in reference.varm and isinstance(info, Mapping) and isinstance(info.get("params"), Mapping):
             return varm_key, uns_key
     return None
