@@ -46,7 +46,9 @@ import json
 import re
 import sys
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -270,33 +272,49 @@ def run(
 
     A method may carry its own options after a colon, e.g. ``"neural_ot:map=per_condition"``;
     results are labelled with the whole string. ``verbose`` prints a line per fit to stderr
-    (fit time and mean energy distance), so a long run shows where it is.
+    (fit time and mean energy distance), so a long run shows where it is. A warning is shown
+    the first time it is raised in the run: the same dose extrapolated by every method and
+    seed of a task is one line, not one per fit.
     """
-    rows = []
+    rows, shown = [], set()
     for name in tasks:
         folds = TASKS[name](data)
         for task in [folds] if isinstance(folds, Task) else folds:
             for label in methods:
                 method, own = method_spec(label)
                 for seed in seeds:
-                    start = time.perf_counter()
-                    extra = {} if method in BASELINES else {**(options or {}), **own}
-                    model = cf.ResponseModel(task.train, method=method, **task.model_args, **extra)
-                    model.fit(steps=None if method in BASELINES else steps, seed=seed, progress=False)
-                    fit_seconds = time.perf_counter() - start
-                    for case in task.cases:
-                        pred = model.predict(case["source"], case["perturbation"], dose=case["dose"], seed=seed)
-                        rows.append({
-                            "task": name, "fold": task.fold, "method": label, "seed": seed,
-                            "condition": case["perturbation"], "fit_seconds": fit_seconds,
-                            **score_case(task, pred, case),
-                        })
+                    with _once_per_run(shown):
+                        start = time.perf_counter()
+                        extra = {} if method in BASELINES else {**(options or {}), **own}
+                        model = cf.ResponseModel(task.train, method=method, **task.model_args, **extra)
+                        model.fit(steps=None if method in BASELINES else steps, seed=seed, progress=False)
+                        fit_seconds = time.perf_counter() - start
+                        for case in task.cases:
+                            pred = model.predict(case["source"], case["perturbation"], dose=case["dose"], seed=seed)
+                            rows.append({
+                                "task": name, "fold": task.fold, "method": label, "seed": seed,
+                                "condition": case["perturbation"], "fit_seconds": fit_seconds,
+                                **score_case(task, pred, case),
+                            })
                     if verbose:
                         energy = np.mean([row["energy_distance"] for row in rows[-len(task.cases):]])
                         where = f"{name}/{task.fold}" if task.fold else name
                         print(f"{where} {label} seed {seed}: fitted in {fit_seconds:.1f} s, energy distance {energy:.4f}",
                               file=sys.stderr, flush=True)
     return pd.DataFrame(rows)
+
+
+@contextmanager
+def _once_per_run(shown: set[tuple[str, type]]) -> Iterator[None]:
+    """Re-raise each warning of the block unless one of the same text and category is in ``shown``."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for warning in caught:
+        key = (str(warning.message), warning.category)
+        if key not in shown:
+            shown.add(key)
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
 
 
 def _gap_closed(summary: pd.DataFrame) -> pd.Series:
