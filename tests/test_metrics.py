@@ -345,6 +345,21 @@ def test_evaluate_reports_each_distance_beside_its_floor(eval_data):
         evaluate(pred, truth, floors="yes")
 
 
+def test_evaluate_takes_the_floors_from_the_scores_own_pass_over_the_pairs(eval_data, monkeypatch):
+    import cellflow.metrics._distribution as distribution
+
+    passes = []
+    row_sums = distribution._row_sums
+    monkeypatch.setattr(distribution, "_row_sums", lambda *args, **kwargs: passes.append(1) or row_sums(*args, **kwargs))
+    pred, truth, _ = eval_data
+    counts = {}
+    for floors in (False, True):
+        passes.clear()
+        evaluate(pred, truth, metrics=("energy_distance", "mmd"), floors=floors)
+        counts[floors] = len(passes)
+    assert counts[True] == counts[False] == 2 * 3  # two metrics, three groups
+
+
 def test_evaluate_multi_column_groupby_control_match_and_features(eval_data):
     pred, truth, control = eval_data
     df = evaluate(

@@ -339,8 +339,17 @@ def energy_distance(x: ArrayLike, y: ArrayLike, *, squared: bool = False, chunk_
     if squared:
         delta = x_arr.mean(axis=0) - y_arr.mean(axis=0)
         return float(2.0 * np.dot(delta, delta))
-    means = _pair_means(x_arr, y_arr, "euclidean", np.zeros(1), chunk_size)[:, 0]
-    return float(2.0 * means[0] - means[1] - means[2])
+    return _energy_of(_pair_means(x_arr, y_arr, "euclidean", np.zeros(1), chunk_size))
+
+
+def _energy_of(means: np.ndarray) -> float:
+    """The energy distance from :func:`_pair_means` of the Euclidean distance."""
+    return float(2.0 * means[0, 0] - means[1, 0] - means[2, 0])
+
+
+def _mmd_of(means: np.ndarray) -> float:
+    """The MMD averaged over bandwidths from :func:`_pair_means` of the RBF kernels."""
+    return float((means[1] + means[2] - 2.0 * means[0]).mean())
 
 
 def _self_kernel_sum(y: np.ndarray, kernel: str, params: np.ndarray, chunk_size: int) -> np.ndarray:
@@ -423,15 +432,31 @@ def noise_floor(
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise CellflowValueError(f"n_predicted must be a positive integer or None, got {n_predicted!r}.")
     chunk_size = _check_chunk_size(chunk_size)
-    size_factor = 1.0 / n + 1.0 / m
-    pairs = m * (m - 1)
     if metric == "energy_distance_squared":
-        return float(size_factor * 2.0 * np.var(y_arr, axis=0, ddof=1).sum())
+        return float((1.0 / n + 1.0 / m) * 2.0 * np.var(y_arr, axis=0, ddof=1).sum())
     if metric == "energy_distance":
-        return float(size_factor * _self_kernel_sum(y_arr, "euclidean", np.zeros(1), chunk_size)[0] / pairs)
-    gam = _check_gammas(gammas)
-    mean_kernel = _self_kernel_sum(y_arr, "rbf", gam, chunk_size) / pairs
-    return float(size_factor * (1.0 - mean_kernel).mean())
+        return _floor_of(_self_kernel_sum(y_arr, "euclidean", np.zeros(1), chunk_size), n, m, metric)
+    return _floor_of(_self_kernel_sum(y_arr, "rbf", _check_gammas(gammas), chunk_size), n, m, metric)
+
+
+def _floor_of(self_sum: np.ndarray, n: int, m: int, metric: str) -> float:
+    """:func:`noise_floor` of ``"energy_distance"`` or ``"mmd"`` from the sum of ``k(y_i, y_j)``
+    over the ``m (m - 1)`` ordered pairs of distinct observed cells, shape ``(G,)``."""
+    mean = self_sum / (m * (m - 1))
+    return float((1.0 / n + 1.0 / m) * (mean[0] if metric == "energy_distance" else (1.0 - mean).mean()))
+
+
+def _score_and_floor(x: np.ndarray, y: np.ndarray, metric: str) -> tuple[float, float]:
+    """:func:`energy_distance` or :func:`mmd` (default parameters) of ``x`` to ``y`` and the
+    :func:`noise_floor` of ``len(x)`` cells, from one pass over the pairs (``len(y) >= 2``)."""
+    x, y = _as_cells(x, "x"), _as_cells(y, "y")
+    n, m = x.shape[0], y.shape[0]
+    if metric == "energy_distance":
+        means = _pair_means(x, y, "euclidean", np.zeros(1), 1024)
+        # the (y, y) mean holds the diagonal's zero distances
+        return _energy_of(means), _floor_of(means[2] * m * m, n, m, metric)
+    means = _pair_means(x, y, "rbf", _check_gammas(DEFAULT_MMD_GAMMAS), 1024)
+    return _mmd_of(means), _floor_of(means[2] * m * m - m, n, m, metric)  # minus the diagonal's k = 1
 
 
 def mmd(
@@ -473,9 +498,7 @@ def mmd(
     _check_same_width(x=x_arr, y=y_arr)
     chunk_size = _check_chunk_size(chunk_size)
     gam = _check_gammas(gammas)
-    means = _pair_means(x_arr, y_arr, "rbf", gam, chunk_size)
-    per_gamma = means[1] + means[2] - 2.0 * means[0]
-    return float(per_gamma.mean())
+    return _mmd_of(_pair_means(x_arr, y_arr, "rbf", gam, chunk_size))
 
 
 _SINKHORN_MAX_ITERATIONS = 20_000
@@ -987,6 +1010,10 @@ def evaluate(
                 row[name], converged = _sinkhorn_divergence_checked(x_sub, y_sub)
                 if not converged:
                     unconverged.append(_group_label(key))
+            elif floors and name in ("energy_distance", "mmd") and len(y_sub) > 1:
+                # the floor's observed pairs are among the score's: one pass for both
+                row[name], row[f"{name}_floor"] = _score_and_floor(x_sub, y_sub, name)
+                continue
             else:
                 row[name] = _METRIC_FUNCS[name](x, y, x_sub, y_sub, ctrl, cols)
             if floors and name in FLOOR_METRICS:
