@@ -307,14 +307,16 @@ def run(
 @contextmanager
 def _once_per_run(shown: set[tuple[str, type]]) -> Iterator[None]:
     """Re-raise each warning of the block unless one of the same text and category is in ``shown``."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        yield
-    for warning in caught:
-        key = (str(warning.message), warning.category)
-        if key not in shown:
-            shown.add(key)
-            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:  # also when the block fails: its warnings may say why
+        for warning in caught:
+            key = (str(warning.message), warning.category)
+            if key not in shown:
+                shown.add(key)
+                warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
 
 
 def _gap_closed(summary: pd.DataFrame) -> pd.Series:

@@ -1013,11 +1013,10 @@ def evaluate(
             elif floors and name in ("energy_distance", "mmd") and len(y_sub) > 1:
                 # the floor's observed pairs are among the score's: one pass for both
                 row[name], row[f"{name}_floor"] = _score_and_floor(x_sub, y_sub, name)
-                continue
             else:
                 row[name] = _METRIC_FUNCS[name](x, y, x_sub, y_sub, ctrl, cols)
-            if floors and name in FLOOR_METRICS:
-                row[f"{name}_floor"] = noise_floor(y_sub, len(x_sub), metric=name) if len(y_sub) > 1 else np.nan
+                if floors and name in FLOOR_METRICS:
+                    row[f"{name}_floor"] = noise_floor(y_sub, len(x_sub), metric=name) if len(y_sub) > 1 else np.nan
         rows.append(row)
 
     if unconverged:
