@@ -325,3 +325,23 @@ def test_the_cache_drops_its_least_recently_used_programs_beyond_its_size(disk_c
     shared_jit(lambda v: v + 2.0)(x)
     remaining = list(disk_cache.glob("*.xla"))
     assert len(remaining) == 1 and remaining[0] != oldest
+
+
+def test_tracing_runs_without_the_cycle_collector_which_is_back_on_after():
+    import gc
+
+    seen = []
+
+    def program(x):
+        seen.append(gc.isenabled())  # runs while JAX traces
+        return x + 1.0
+
+    assert gc.isenabled()
+    shared_jit(program)(jnp.zeros(3))
+    assert seen == [False] and gc.isenabled()
+    gc.disable()
+    try:  # a caller that turned it off keeps it off
+        shared_jit(program)(jnp.zeros(4))
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

@@ -30,7 +30,9 @@ executable that JAX loaded from its cache does not survive being serialized agai
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import hashlib
 import os
 import pickle
@@ -268,6 +270,23 @@ def _prune(folder: Path) -> None:
         total -= size
 
 
+@contextlib.contextmanager
+def _garbage_collection_paused():
+    """Hold Python's cycle collector off while JAX traces and lowers a program.
+
+    Tracing a training step allocates hundreds of thousands of small objects, so the collector
+    runs its generational passes over and over during it, finding little to free: a third of the
+    default flow-matching step's lowering time. Whatever cycles tracing leaves are collected
+    after, as usual."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def shared_jit(fn: Callable[..., Any], *, context: Hashable = None, static_argnums: Sequence[int] = ()) -> Callable[..., Any]:
     """:func:`jax.jit` whose compiled executables are shared with every other program of
     identical StableHLO, devices and ``context``, in this process and through the on-disk cache.
@@ -305,7 +324,8 @@ def shared_jit(fn: Callable[..., Any], *, context: Hashable = None, static_argnu
         ))
         compiled = own.executables.get(signature)
         if compiled is None:
-            lowered = jitted.lower(*args)
+            with _garbage_collection_paused():
+                lowered = jitted.lower(*args)
             key = _fingerprint(lowered, _devices_of(leaves), context)
             with _lock:
                 compiled = _programs.get(key)
