@@ -352,14 +352,12 @@ def _mmd_of(means: np.ndarray) -> float:
     return float((means[1] + means[2] - 2.0 * means[0]).mean())
 
 
-def _self_kernel_sum(y: np.ndarray, kernel: str, params: np.ndarray, chunk_size: int) -> np.ndarray:
-    """Sum of ``k(y_i, y_j)`` over every ordered pair ``i != j`` of ``y``; shape ``(G,)``, float64."""
+def _self_kernel_total(y: np.ndarray, kernel: str, params: np.ndarray, chunk_size: int) -> np.ndarray:
+    """Sum of ``k(y_i, y_j)`` over all ordered pairs of ``y``, diagonal included; shape ``(G,)``, float64."""
     centred = (y - y.mean(axis=0)).astype(np.float32)
     block = _block_size(y.shape[0], y.shape[0], chunk_size)
     padded, mask = _pad_rows(centred, block)
-    total = _row_sums(padded, mask, 0, params, kernel, block)[:, 1].sum(axis=0)  # no block is "predicted"
-    # the diagonal holds distance 0: k = 0 for distances, k = 1 for the RBF kernel
-    return total if kernel == "euclidean" else total - y.shape[0]
+    return _row_sums(padded, mask, 0, params, kernel, block)[:, 1].sum(axis=0)  # no block is "predicted"
 
 
 #: Metrics with a closed-form noise floor (:func:`noise_floor`).
@@ -435,14 +433,16 @@ def noise_floor(
     if metric == "energy_distance_squared":
         return float((1.0 / n + 1.0 / m) * 2.0 * np.var(y_arr, axis=0, ddof=1).sum())
     if metric == "energy_distance":
-        return _floor_of(_self_kernel_sum(y_arr, "euclidean", np.zeros(1), chunk_size), n, m, metric)
-    return _floor_of(_self_kernel_sum(y_arr, "rbf", _check_gammas(gammas), chunk_size), n, m, metric)
+        return _floor_of(_self_kernel_total(y_arr, "euclidean", np.zeros(1), chunk_size), n, m, metric)
+    return _floor_of(_self_kernel_total(y_arr, "rbf", _check_gammas(gammas), chunk_size), n, m, metric)
 
 
-def _floor_of(self_sum: np.ndarray, n: int, m: int, metric: str) -> float:
+def _floor_of(self_total: np.ndarray, n: int, m: int, metric: str) -> float:
     """:func:`noise_floor` of ``"energy_distance"`` or ``"mmd"`` from the sum of ``k(y_i, y_j)``
-    over the ``m (m - 1)`` ordered pairs of distinct observed cells, shape ``(G,)``."""
-    mean = self_sum / (m * (m - 1))
+    over all ``m²`` ordered pairs of observed cells, diagonal included, shape ``(G,)``."""
+    # the diagonal holds distance 0: k = 0 for distances, k = 1 for the RBF kernel
+    distinct = self_total if metric == "energy_distance" else self_total - m
+    mean = distinct / (m * (m - 1))
     return float((1.0 / n + 1.0 / m) * (mean[0] if metric == "energy_distance" else (1.0 - mean).mean()))
 
 
@@ -453,10 +453,9 @@ def _score_and_floor(x: np.ndarray, y: np.ndarray, metric: str) -> tuple[float, 
     n, m = x.shape[0], y.shape[0]
     if metric == "energy_distance":
         means = _pair_means(x, y, "euclidean", np.zeros(1), 1024)
-        # the (y, y) mean holds the diagonal's zero distances
         return _energy_of(means), _floor_of(means[2] * m * m, n, m, metric)
     means = _pair_means(x, y, "rbf", _check_gammas(DEFAULT_MMD_GAMMAS), 1024)
-    return _mmd_of(means), _floor_of(means[2] * m * m - m, n, m, metric)  # minus the diagonal's k = 1
+    return _mmd_of(means), _floor_of(means[2] * m * m, n, m, metric)
 
 
 def mmd(
