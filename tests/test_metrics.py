@@ -177,6 +177,25 @@ def test_sinkhorn_divergence_self_zero_and_shift_positive(rng):
     assert sinkhorn_divergence(x[:50], y) == pytest.approx(_sinkhorn_div_ref(x[:50], y), rel=1e-4)
 
 
+def test_sinkhorn_divergence_pads_each_cloud_to_its_own_size(rng, monkeypatch):
+    # many predicted against few observed cells is the usual case (a control pool per
+    # condition against one treated group): padding both to the larger size would make the
+    # (x, y) and (y, y) solves 8 and 64 times larger here, for the same value
+    from cellflow.metrics import _distribution
+
+    shapes = []
+    solve = _distribution._sinkdiv
+
+    def recording(x, y, a, b, **kwargs):
+        shapes.append((x.shape[0], y.shape[0]))
+        return solve(x, y, a, b, **kwargs)
+
+    monkeypatch.setattr(_distribution, "_sinkdiv", recording)
+    x, y = _clouds(rng, 250, 30, 3)
+    assert sinkhorn_divergence(x, y) == pytest.approx(_sinkhorn_div_ref(x, y), rel=1e-4)
+    assert shapes == [(256, 32)]
+
+
 def test_sinkhorn_divergence_bad_epsilon(rng):
     x, y = _clouds(rng, 8, 8, 2)
     with pytest.raises(CellflowValueError, match="epsilon"):
