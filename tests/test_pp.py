@@ -429,6 +429,20 @@ def test_top_degs_n_genes_capped(deg_adata):
     assert len(degs["up"]) == deg_adata.n_vars
 
 
+def test_top_degs_of_many_perturbations_does_not_relay_pandas_fragmentation_warnings():
+    # a screen of a few dozen drugs: scanpy's per-group column inserts made pandas warn hundreds of times
+    rng = np.random.default_rng(0)
+    labels = ["ctrl"] * 20 + [f"drug{i}" for i in range(30) for _ in range(4)]
+    adata = ad.AnnData(
+        rng.poisson(2.0, size=(len(labels), 12)).astype(np.float32),
+        obs=pd.DataFrame({"condition": labels}, index=[f"c{i}" for i in range(len(labels))]),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", pd.errors.PerformanceWarning)
+        degs = pp.top_degs(adata, "condition", "ctrl", n_genes=3)
+    assert len(degs) == 30 and all(len(genes) == 3 for genes in degs.values())
+
+
 # ------------------------------------------------------------------------------------------
 # real data: Kang et al. 2018
 # ------------------------------------------------------------------------------------------

@@ -572,17 +572,21 @@ def _rank_vs_control(
     """Run scanpy's rank_genes_groups of every group against the cells labelled ``_CONTROL``."""
     obs = pd.DataFrame({"group": pd.Categorical(labels)}, index=pd.Index([str(i) for i in range(len(labels))]))
     work = ad.AnnData(X=matrix, obs=obs, var=pd.DataFrame(index=var_names))
-    sc.tl.rank_genes_groups(
-        work,
-        "group",
-        groups=groups,
-        reference=_CONTROL,
-        method=method,
-        n_genes=n_genes,
-        rankby_abs=rankby_abs,
-        use_raw=False,
-        key_added="degs",
-    )
+    with warnings.catch_warnings():
+        # scanpy adds five columns per group to one DataFrame, and pandas warns of fragmentation
+        # once per column after about twenty groups: hundreds of lines the user can do nothing about
+        warnings.simplefilter("ignore", pd.errors.PerformanceWarning)
+        sc.tl.rank_genes_groups(
+            work,
+            "group",
+            groups=groups,
+            reference=_CONTROL,
+            method=method,
+            n_genes=n_genes,
+            rankby_abs=rankby_abs,
+            use_raw=False,
+            key_added="degs",
+        )
     names = work.uns["degs"]["names"]
     return {g: [str(name) for name in names[g]] for g in groups}
 
