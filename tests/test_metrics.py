@@ -196,6 +196,41 @@ def test_sinkhorn_divergence_pads_each_cloud_to_its_own_size(rng, monkeypatch):
     assert shapes == [(256, 32)]
 
 
+def test_sinkhorn_iterations_work_on_cost_matrices_not_on_the_cells():
+    # in gene space (d in the thousands) recomputing the costs from the cells at every
+    # convergence check dominated: no array as wide as a cell may enter a Sinkhorn loop
+    import functools
+
+    import jax
+    from jax.extend.core import ClosedJaxpr, Jaxpr
+
+    from cellflow.metrics import _distribution
+
+    width = 7  # no other array in the solve is 7 wide
+
+    def nested(eqn):
+        for value in eqn.params.values():
+            for item in value if isinstance(value, (list, tuple)) else [value]:
+                if isinstance(item, (ClosedJaxpr, Jaxpr)):
+                    yield item.jaxpr if isinstance(item, ClosedJaxpr) else item
+
+    def widths_inside_loops(jaxpr, inside=False):
+        widths = set()
+        for eqn in jaxpr.eqns:
+            if inside:
+                widths |= {v.aval.shape[-1] for v in eqn.invars if getattr(getattr(v, "aval", None), "shape", ())}
+            for sub in nested(eqn):
+                widths |= widths_inside_loops(sub, inside or eqn.primitive.name == "while")
+        return widths
+
+    solve = functools.partial(_distribution._sinkdiv, epsilon=1.0, scale_cost=1.0)
+    x, y = jnp.ones((32, width)), jnp.ones((16, width))
+    traced = jax.make_jaxpr(solve)(x, y, jnp.full(32, 1 / 32), jnp.full(16, 1 / 16))
+    widths = widths_inside_loops(traced.jaxpr)
+    assert {16, 32} <= widths  # the loops were found
+    assert width not in widths
+
+
 def test_sinkhorn_divergence_bad_epsilon(rng):
     x, y = _clouds(rng, 8, 8, 2)
     with pytest.raises(CellflowValueError, match="epsilon"):
