@@ -382,6 +382,31 @@ def test_fit_runs_exactly_the_requested_number_of_steps():
     assert list(model.history_["step"]) == [30]
 
 
+def test_default_steps_grow_with_the_number_of_training_groups(monkeypatch):
+    # each step draws a few groups: a screen of hundreds of groups saw each one a few dozen
+    # times in 2,000 steps, which held-out doses paid for (benchmarks/flow_matching_steps.py)
+    from cellflow.methods import _flow_matching
+
+    assert [_flow_matching.default_steps(n) for n in (1, 72, 142, 143, 440, 5000)] == [2000, 2000, 2000, 2500, 6500, 10000]
+
+    class Stop(Exception):
+        pass
+
+    def stop(train_chunk, state, steps, *args, **kwargs):
+        raise Stop(steps)
+
+    monkeypatch.setattr(_flow_matching, "train_with_options", stop)
+    rng = np.random.default_rng(0)
+    labels = ["control"] * 20 + [f"drug{i}" for i in range(150) for _ in range(2)]
+    screen = ad.AnnData(X=rng.normal(size=(len(labels), 2)).astype(np.float32), obs={"condition": labels})
+    steps = {}
+    for asked in (None, 30):
+        with pytest.raises(Stop) as stopped:
+            cf.ResponseModel(screen, rep="X", method="flow_matching", **SMALL).fit(steps=asked, progress=False)
+        steps[asked] = stopped.value.args[0]
+    assert steps == {None: 2500, 30: 30}
+
+
 def test_host_initialiser_matches_lecun_normal_and_is_deterministic():
     from cellflow.nn.layers import lecun_normal
 

@@ -37,9 +37,22 @@ from cellflow.solvers import flow_matching as fm
 from cellflow.solvers import subspace as principal
 from cellflow.train import chunk_size, group_mesh, make_optimizer
 
-__all__ = ["FlowMatching", "FlowMatchingState"]
+__all__ = ["FlowMatching", "FlowMatchingState", "default_steps"]
 
 _SOLVERS = ("euler", "heun", "midpoint", "tsit5", "dopri5")
+#: Training steps per group beyond the first 2,000 steps, and the most steps the defaults train.
+STEPS_PER_GROUP = 14
+MAX_DEFAULT_STEPS = 10_000
+
+
+def default_steps(n_groups: int) -> int:
+    """Flow matching's default number of training steps for ``n_groups`` training groups.
+
+    2,000 up to 142 groups; beyond, 14 per group rounded up to a multiple of 500 (so that the
+    steps split into equal dispatches), at most 10,000. See :class:`FlowMatching`.
+    """
+    per_group = -(-STEPS_PER_GROUP * int(n_groups) // 500) * 500
+    return int(min(MAX_DEFAULT_STEPS, max(FlowMatching.default_steps, per_group)))
 _PRIORS = {"none": None, "mean_shift": MeanShift, "gaussian_ot": GaussianOT}
 
 
@@ -63,16 +76,24 @@ class FlowMatching(Method):
     an "unknown" slot for unseen values, and a DeepSets summary of the source population. See
     :mod:`cellflow.solvers.flow_matching` and :mod:`cellflow.nn.response`.
 
-    Defaults are chosen for 10-100-dimensional embeddings (PCA, image features): 2,000 steps of
-    8 conditions x 128 cells, width 128, depth 3, learning rate 1e-3 with warm-up and cosine
-    decay, Sinkhorn epsilon 0.01 of the mean cost, EMA 0.999, Heun with 16 steps to predict.
-    About two minutes on two CPU cores; the cost per step does not grow with the number of
-    cells, so larger data sets need more steps rather than more time per step. How much more:
-    on a synthetic screen of 480 groups (40 drugs x 3 doses x 4 patients, 73,600 cells, 20-d),
-    seen groups scored against 1,000 true cells each (mean of 24), the defaults' 2,000 steps
-    (70 s) gave an energy distance of 0.051 and 8,000 steps (256 s) 0.045, against mean_shift's
-    0.124 and a noise floor of 0.029: the defaults get most of the way, and four times the steps
-    buy about a tenth (``python benchmarks/flow_matching_steps.py``).
+    Defaults are chosen for 10-100-dimensional embeddings (PCA, image features): 2,000 steps
+    (more on large screens, below) of 8 conditions x 128 cells, width 128, depth 3, learning
+    rate 1e-3 with warm-up and cosine decay, Sinkhorn epsilon 0.01 of the mean cost, EMA 0.999,
+    Heun with 16 steps to predict. About two minutes on two CPU cores; the cost per step does
+    not grow with the number of cells, so larger data sets need more steps rather than more
+    time per step. A screen of more than 142 training groups ((condition, dose, covariates)
+    combinations) therefore gets 14 steps per group by default (rounded up to a multiple of
+    500, at most 10,000; :func:`default_steps`), so that each group is drawn about as often as
+    in a screen of 142. Measured on a synthetic screen of 440 groups (40 drugs x 3 doses x 4
+    patients, the middle dose of 10 drugs held out, 67,600 cells, 20-d; scored against 1,000
+    true cells per group), 2,000 steps (80 s) gave an energy distance of 0.069 on 24 seen
+    groups and 0.094 on the 40 held-out doses, against 0.053 and 0.071 with the 6,500 steps
+    that are now its default (224 s); gaussian_ot (nearest seen dose) scored 0.076 and 0.075,
+    mean_shift 0.157 and 0.110, the noise floor 0.030 and 0.031 (``python
+    benchmarks/flow_matching_steps.py --steps 2000 6500 --held-out-drugs 10``): with 2,000
+    steps flow matching lost the held-out doses to gaussian_ot. Every task of
+    ``experiments/run.py``, the demo and the benchmarks against CellFlow have at most 89 groups
+    and keep 2,000 steps.
 
     The training points lie on a Brownian bridge between each coupled pair (``path="brownian"``)
     with ``sigma=2`` control-cell spreads (the root mean square of the per-feature standard
@@ -249,7 +270,7 @@ class FlowMatching(Method):
 
     # -- fit ----------------------------------------------------------------------------------
     def fit(self, data: PerturbationData, embeddings: EmbeddingTable, options, *, steps, batch_size, seed, progress, resume=False):
-        steps = steps or self.default_steps
+        steps = steps or default_steps(data.n_groups)
         batch_size = batch_size or 128
         subspace = subspaces.choose_subspace(data.cells, options["subspace"])
         run = run_description(data, options, steps=steps, batch_size=batch_size, seed=seed, subspace=subspace)
