@@ -90,8 +90,9 @@ _HILL_RANGE = (1.0, 2.0)
 _OFFSET_STD = 0.1
 _SCALE_RANGE = (0.5, 2.0)
 
-# "+" separates members / doses, except the "+" of an exponent such as "1e+05".
-_PLUS_SPLIT = re.compile(r"(?<![eE])\+")
+# "+" separates doses, except the "+" of an exponent such as "1e+05" (a digit or point, then e);
+# member names split at every "+", so that drug "E" pairs as "E+F"
+_DOSE_SPLIT = re.compile(r"(?<![0-9.][eE])\+")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -323,7 +324,7 @@ class SyntheticTruth:
         return name
 
     def _parse_pair(self, pair: Sequence[str] | str, argument: str) -> tuple[str, str]:
-        members = _PLUS_SPLIT.split(pair) if isinstance(pair, str) else list(pair)
+        members = pair.split("+") if isinstance(pair, str) else list(pair)
         if len(members) != 2 or members[0] == members[1]:
             raise CellflowValueError(f"{argument}: each entry must be a pair of two different drugs, got {pair!r}.")
         for m in members:
@@ -375,11 +376,11 @@ class SyntheticTruth:
             )
         if perturbation == CONTROL:
             if dose is not None:
-                parts = _PLUS_SPLIT.split(dose) if isinstance(dose, str) else np.atleast_1d(dose).tolist()
+                parts = _DOSE_SPLIT.split(dose) if isinstance(dose, str) else np.atleast_1d(dose).tolist()
                 if any(_check_dose_value(p, "dose") != 0 for p in parts):
                     raise CellflowValueError(f"dose={dose!r} must be None or 0 for perturbation={CONTROL!r}.")
             return {}
-        members = [m.strip() for m in _PLUS_SPLIT.split(perturbation)]
+        members = [m.strip() for m in perturbation.split("+")]
         for m in members:
             self._check_drug(m, f"perturbation={perturbation!r}", control_ok=True)
         if len(set(members)) != len(members):
@@ -387,7 +388,7 @@ class SyntheticTruth:
         if dose is None:
             doses = [1.0] * len(members)
         elif isinstance(dose, str):
-            parts = _PLUS_SPLIT.split(dose)
+            parts = _DOSE_SPLIT.split(dose)
             if len(parts) != len(members):
                 raise CellflowValueError(
                     f"dose={dose!r} has {len(parts)} part(s) but perturbation={perturbation!r} has "
@@ -692,7 +693,7 @@ def synthetic(
     else:
         combos = []
         for c in combinations:
-            members = _PLUS_SPLIT.split(c) if isinstance(c, str) else list(c)
+            members = c.split("+") if isinstance(c, str) else list(c)
             for m in members:
                 probe._check_drug(m, f"combinations entry {c!r}")
             if len(members) < 2 or len(set(members)) != len(members):

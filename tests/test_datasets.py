@@ -151,6 +151,18 @@ def test_truth_control_and_dose_forms(small_data):
     assert np.isfinite(truth(x, "A+B+C", dose="0.3+7.0+1e+01")).all()
 
 
+def test_drug_e_pairs_like_any_other():
+    # the "+" of a dose's exponent ("1e+05") must not protect a member name ending in "e"
+    adata, truth = synthetic(n_features=4, n_patients=1, n_drugs=6, doses=(1.0,), n_control=20, n_cells=5, seed=0)
+    assert {"D+E", "E+F"} <= set(adata.obs["condition"].astype(str))
+    x = truth.sample_control(10, "P1", seed=0)
+    np.testing.assert_allclose(
+        truth(x, "E+F", dose="1e+05+0.5", noise=False), truth(x, "F+E", dose="0.5+1e+05", noise=False), atol=1e-5
+    )
+    assert truth.parse("E+F", "1e+05+0.5") == {"E": 1e5, "F": 0.5}
+    synthetic(n_features=4, n_patients=1, n_drugs=6, combinations=["E+F"], synergy_pairs=["E+F"], n_control=5, n_cells=5)
+
+
 def test_held_out_synergy_vs_additive():
     # only A+B measured; C+D and the rest are held out
     adata, truth = synthetic(
