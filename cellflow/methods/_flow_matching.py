@@ -40,19 +40,10 @@ from cellflow.train import chunk_size, group_mesh, make_optimizer
 __all__ = ["FlowMatching", "FlowMatchingState", "default_steps"]
 
 _SOLVERS = ("euler", "heun", "midpoint", "tsit5", "dopri5")
-#: Training steps per group beyond the first 2,000 steps, and the most steps the defaults train.
+#: Default training steps per group where they come to more than 2,000, and the most the defaults train.
 STEPS_PER_GROUP = 14
 MAX_DEFAULT_STEPS = 10_000
 
-
-def default_steps(n_groups: int) -> int:
-    """Flow matching's default number of training steps for ``n_groups`` training groups.
-
-    2,000 up to 142 groups; beyond, 14 per group rounded up to a multiple of 500 (so that the
-    steps split into equal dispatches), at most 10,000. See :class:`FlowMatching`.
-    """
-    per_group = -(-STEPS_PER_GROUP * int(n_groups) // 500) * 500
-    return int(min(MAX_DEFAULT_STEPS, max(FlowMatching.default_steps, per_group)))
 _PRIORS = {"none": None, "mean_shift": MeanShift, "gaussian_ot": GaussianOT}
 
 
@@ -360,6 +351,16 @@ class FlowMatching(Method):
             linear = arrays.get("prior/linear")
             prior = baselines.AffineResponse(jnp.asarray(arrays["prior/offset"]), None if linear is None else jnp.asarray(linear))
         return FlowMatchingState(graphdef, params, pd.DataFrame(), prior, subspace, outside)
+
+
+def default_steps(n_groups: int) -> int:
+    """Flow matching's default number of training steps for ``n_groups`` training groups.
+
+    2,000 up to 142 groups; beyond, 14 per group rounded up to a multiple of 500 (so that the
+    steps split into equal dispatches), at most 10,000. See :class:`FlowMatching`.
+    """
+    per_group = -(-STEPS_PER_GROUP * int(n_groups) // 500) * 500
+    return int(min(MAX_DEFAULT_STEPS, max(FlowMatching.default_steps, per_group)))
 
 
 def control_spread(data: PerturbationData) -> float:
