@@ -80,7 +80,7 @@ def main() -> None:
         "benchmark": "flow_matching_steps",
         "cells": adata.n_obs,
         "groups": len(groups),
-        "groups_scored": {part: len(part_groups) for part, part_groups in scored.items()},
+        "groups_scored": {part: len(part_groups) for part, part_groups in scored.items()} if len(held) else len(scored["seen"]),
         "energy_distance": energy_distance if len(held) else energy_distance["seen"],
         "fit_seconds": seconds,
     }, indent=1))
